@@ -1,0 +1,299 @@
+"""Typed, validated interventions and the per-matrix edits they expand to.
+
+The JSON form is the paper's (tau, l, rho)::
+
+    {"kind": "laser", "target": "fc_in", "layer": 27, "rank_fraction": 0.01}
+
+``kind`` defaults to ``laser``; ``target`` is a type or a group (``mlp``, ``attn``, ``all``);
+``layer`` is an int, a list, or a Python-style range string (``"20:30"``, ``"-5:"``, ``"all"``).
+A profile is a list of specs; :func:`expand` turns it into one :class:`MatrixEdit` per matrix and
+refuses two edits on the same matrix.
+
+Each kind is an :class:`EditKind` registered by name (collisions refused); it knows how to turn
+the original matrix (and its cached SVD) into the edited one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from laser_ops.spectral import mp_rank
+from laser_ops.svd import Decomposition
+from laser_ops.targets import GROUPS, TYPES, ModelTargets, TargetError, TargetRef
+
+EditKindName = Literal["laser", "laser_mp", "keep_bottom", "random_basis", "prune_magnitude", "zero"]
+_RANKED = ("laser", "keep_bottom", "random_basis")
+
+
+class InterventionError(ValueError):
+    """An intervention that cannot be applied; ``loc`` is the JSON path of the offending field."""
+
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+LayerSpec = Annotated[
+    int | list[int] | str,
+    Field(description="0-based layer: an int (negative counts from the end), a list of ints, "
+                      "a range string 'start:stop' (Python slice, e.g. '-5:'), or 'all'."),
+]
+
+
+class InterventionSpec(BaseModel):
+    """One intervention (tau, l, rho) as users write it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: EditKindName = Field("laser", description=(
+        "laser: keep the top-k singular components. laser_mp: k from the Marchenko-Pastur threshold "
+        "(no data). keep_bottom: keep only what laser at the same rank discards (W - W_k). random_basis: "
+        "project onto a seeded random rank-k subspace (control). prune_magnitude: zero the smallest-|w| "
+        "fraction. zero: drop the matrix."))
+    target: str = Field(..., description=f"LASER type {list(TYPES)} or group {list(GROUPS)}.")
+    layer: LayerSpec
+    rank_fraction: float | None = Field(None, gt=0, le=1, description=(
+        "rho in (0, 1]: k = max(1, floor(rho * min(m, n))). For laser, keep_bottom, random_basis."))
+    rank: int | None = Field(None, ge=1, description="Absolute rank k >= 1 (at most min(m, n) of each matrix).")
+    energy: float | None = Field(None, gt=0, le=1, description=(
+        "Smallest k keeping this fraction of the sum of squared singular values, in (0, 1]."))
+    sparsity: float | None = Field(None, ge=0, lt=1, description=(
+        "prune_magnitude only: fraction of entries (smallest |w|) set to zero, in [0, 1)."))
+    seed: int = Field(0, ge=0, description="random_basis only: seed of the random subspace.")
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> InterventionSpec:
+        if self.target not in TYPES and self.target not in GROUPS:
+            raise ValueError(f"target must be one of the types {list(TYPES)} or groups {list(GROUPS)}, "
+                             f"got {self.target!r}")
+        given = [f for f in ("rank_fraction", "rank", "energy") if getattr(self, f) is not None]
+        if self.kind in _RANKED:
+            if len(given) != 1:
+                raise ValueError(f"kind {self.kind!r} needs exactly one of rank_fraction (0, 1], rank (>= 1) "
+                                 f"or energy (0, 1]; got {given or 'none'}")
+        elif given:
+            raise ValueError(f"kind {self.kind!r} takes no {given[0]}")
+        if self.kind == "prune_magnitude":
+            if self.sparsity is None:
+                raise ValueError("kind 'prune_magnitude' needs sparsity in [0, 1)")
+        elif self.sparsity is not None:
+            raise ValueError(f"sparsity only applies to kind 'prune_magnitude', not {self.kind!r}")
+        if isinstance(self.layer, str):
+            _parse_layer_string(self.layer, None)
+        return self
+
+    def layers(self, num_layers: int) -> list[int]:
+        """Concrete 0-based layers for a model with ``num_layers`` layers."""
+        if isinstance(self.layer, str):
+            return _parse_layer_string(self.layer, num_layers)
+        items = [self.layer] if isinstance(self.layer, int) else list(self.layer)
+        if not items:
+            raise InterventionError("layer list is empty", ("layer",))
+        return items
+
+    def edit_key(self) -> str:
+        """What the edit does to one matrix, independent of where (used as a cache key)."""
+        params = {k: v for k, v in self.model_dump(exclude={"target", "layer"}).items() if v is not None}
+        if self.kind != "random_basis":
+            params.pop("seed", None)
+        return json.dumps(params, sort_keys=True)
+
+
+def _parse_layer_string(text: str, num_layers: int | None) -> list[int]:
+    s = text.strip()
+    if s == "all":
+        return list(range(num_layers)) if num_layers is not None else []
+    parts = s.split(":")
+    try:
+        if len(parts) == 1:
+            values = [int(parts[0])]
+            return values
+        if len(parts) not in (2, 3):
+            raise ValueError
+        nums = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise ValueError(f"layer string {text!r} must be an int, 'start:stop[:step]' or 'all'") from None
+    if num_layers is None:
+        return []
+    layers = list(range(num_layers))[slice(*nums)]
+    if not layers:
+        raise InterventionError(f"layer range {text!r} selects no layer of {num_layers}", ("layer",))
+    return layers
+
+
+# --- edit kinds --------------------------------------------------------------------------------
+
+DecompositionProvider = Callable[[int | None, bool], Decomposition]
+"""(min_rank, complete) -> the cached decomposition of the matrix being edited."""
+
+
+@dataclass(frozen=True)
+class EditResult:
+    matrix: torch.Tensor
+    k: int | None  # rank kept (None where rank is not the knob)
+
+
+class EditKind(ABC):
+    """What to override: :meth:`apply`. Registered by name with :func:`register_edit_kind`."""
+
+    name: ClassVar[str]
+    needs_svd: ClassVar[bool] = True
+
+    @abstractmethod
+    def apply(self, spec: InterventionSpec, w: torch.Tensor, svd: DecompositionProvider, ref: TargetRef) -> EditResult:
+        """Return the edited logical matrix (float32, same shape as ``w``); never modify ``w``."""
+
+
+_KINDS: dict[str, EditKind] = {}
+
+
+def register_edit_kind(cls: type[EditKind]) -> type[EditKind]:
+    if cls.name in _KINDS:
+        raise ValueError(f"edit kind {cls.name!r} is already registered")
+    _KINDS[cls.name] = cls()
+    return cls
+
+
+def edit_kind(name: str) -> EditKind:
+    return _KINDS[name]
+
+
+def rank_for(spec: InterventionSpec, shape: tuple[int, int], S: Callable[[], torch.Tensor]) -> int:
+    """k for a ranked spec on an (m, n) matrix; errors name the field and the allowed range."""
+    r = min(shape)
+    if spec.rank is not None:
+        if spec.rank > r:
+            raise InterventionError(f"rank {spec.rank} out of range 1..{r} for a {shape[0]}x{shape[1]} matrix",
+                                    ("rank",))
+        return spec.rank
+    if spec.rank_fraction is not None:
+        return max(1, math.floor(spec.rank_fraction * r))
+    assert spec.energy is not None
+    s2 = S().double() ** 2
+    cum = torch.cumsum(s2, 0) / s2.sum()
+    return min(r, int(torch.searchsorted(cum, torch.tensor(spec.energy, dtype=cum.dtype) - 1e-12).item()) + 1)
+
+
+@register_edit_kind
+class LaserTopK(EditKind):
+    name = "laser"
+
+    def apply(self, spec, w, svd, ref):
+        if spec.energy is not None:
+            k = rank_for(spec, ref.shape, lambda: svd(None, True).S)
+            return EditResult(svd(None, True).top(k), k)
+        k = rank_for(spec, ref.shape, lambda: torch.empty(0))
+        # Small ranks of large matrices may use a randomized decomposition (see SvdCache.get).
+        return EditResult(svd(k, False).top(k), k)
+
+
+@register_edit_kind
+class LaserMarchenkoPastur(EditKind):
+    name = "laser_mp"
+
+    def apply(self, spec, w, svd, ref):
+        dec = svd(None, True)
+        k = max(1, mp_rank(dec.S, ref.shape))
+        return EditResult(dec.top(k), k)
+
+
+@register_edit_kind
+class KeepBottom(EditKind):
+    name = "keep_bottom"
+
+    def apply(self, spec, w, svd, ref):
+        dec = svd(None, True)
+        k = rank_for(spec, ref.shape, lambda: dec.S)
+        return EditResult(dec.bottom(k), min(ref.shape) - k)
+
+
+@register_edit_kind
+class RandomBasis(EditKind):
+    name = "random_basis"
+    needs_svd = False
+
+    def apply(self, spec, w, svd, ref):
+        k = rank_for(spec, ref.shape, lambda: svd(None, True).S)
+        g = torch.Generator(device="cpu").manual_seed(spec.seed ^ zlib.crc32(ref.key.encode()))
+        q, _ = torch.linalg.qr(torch.randn(ref.shape[1], k, generator=g, dtype=torch.float64))
+        q = q.to(torch.float32).to(w.device)
+        wf = w.to(torch.float32)
+        return EditResult((wf @ q) @ q.t(), k)
+
+
+@register_edit_kind
+class PruneMagnitude(EditKind):
+    name = "prune_magnitude"
+    needs_svd = False
+
+    def apply(self, spec, w, svd, ref):
+        assert spec.sparsity is not None
+        flat = w.to(torch.float32).flatten()
+        n_keep = flat.numel() - math.floor(spec.sparsity * flat.numel())
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.topk(flat.abs(), n_keep, sorted=False).indices] = True
+        return EditResult((flat * mask).view_as(w), None)
+
+
+@register_edit_kind
+class Zero(EditKind):
+    name = "zero"
+    needs_svd = False
+
+    def apply(self, spec, w, svd, ref):
+        return EditResult(torch.zeros_like(w, dtype=torch.float32), 0)
+
+
+# --- expansion ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatrixEdit:
+    """One spec applied to one matrix; ``index`` is the spec's position in its profile."""
+
+    ref: TargetRef
+    spec: InterventionSpec
+    index: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.ref.key}|{self.spec.edit_key()}"
+
+
+def parse_profile(items: Sequence[InterventionSpec | dict[str, Any]]) -> list[InterventionSpec]:
+    return [i if isinstance(i, InterventionSpec) else InterventionSpec.model_validate(i) for i in items]
+
+
+def expand(specs: Sequence[InterventionSpec], targets: ModelTargets) -> list[MatrixEdit]:
+    """One :class:`MatrixEdit` per matrix; errors carry the JSON location (``interventions[i].field``)."""
+    edits: list[MatrixEdit] = []
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        try:
+            layers = spec.layers(targets.num_layers)
+            refs = targets.resolve(spec.target, layers)
+        except TargetError as e:
+            raise InterventionError(str(e), (i, e.field)) from None
+        except InterventionError as e:
+            raise InterventionError(str(e), (i, *e.loc)) from None
+        for ref in refs:
+            if spec.rank is not None and spec.rank > min(ref.shape):
+                raise InterventionError(
+                    f"rank {spec.rank} out of range 1..{min(ref.shape)} for {ref.type} "
+                    f"({ref.shape[0]}x{ref.shape[1]}) at layer {ref.layer}", (i, "rank"))
+            if ref.key in seen:
+                raise InterventionError(
+                    f"{ref.type} at layer {ref.layer} ({ref.param_name}) is edited twice: by interventions[{seen[ref.key]}] "
+                    f"and interventions[{i}]; give each matrix at most one edit", (i, "target"))
+            seen[ref.key] = i
+            edits.append(MatrixEdit(ref, spec, i))
+    return edits
