@@ -120,6 +120,8 @@ def _parse_layer_string(text: str, num_layers: int | None) -> list[int]:
         if len(parts) not in (2, 3):
             raise ValueError
         nums = [int(p) if p.strip() else None for p in parts]
+        if len(nums) == 3 and nums[2] == 0:
+            raise ValueError
     except ValueError:
         raise ValueError(f"layer string {text!r} must be an int, 'start:stop[:step]' or 'all'") from None
     if num_layers is None:

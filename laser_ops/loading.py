@@ -66,7 +66,10 @@ def default_cache_dir() -> Path:
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"device {device!r} is not a device string (e.g. 'cpu', 'cuda', 'cuda:1', 'auto'): {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
     return dev
@@ -163,7 +166,8 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             flat = p.reshape(-1)
             if flat.numel() > samples_per_tensor:
-                idx = torch.linspace(0, flat.numel() - 1, samples_per_tensor, device=flat.device).long()
+                # Integer arithmetic: a float32 linspace rounds large indexes past the end of the tensor.
+                idx = torch.arange(samples_per_tensor, device=flat.device) * (flat.numel() - 1) // (samples_per_tensor - 1)
                 flat = flat[idx]
             h.update(flat.detach().to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()

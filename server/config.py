@@ -1,0 +1,51 @@
+"""The one ``Settings`` object: environment variables (``LASER_*``) and CLI flags, validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """laser-serve settings. Every field is also an env var LASER_<NAME> and a flag --<name>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LASER_", cli_kebab_case=True, cli_prog_name="laser-serve", cli_implicit_flags=True,
+        cli_hide_none_type=True, extra="ignore",
+    )
+
+    model: str = Field("smollm2-135m", description="Model: the alias 'smollm2-135m', a local Hugging Face folder, or a .gguf file.")
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
+    dtype: str = Field("auto", description="'auto' (float32 on CPU, bfloat16/float16 on CUDA), float32, bfloat16, float16.")
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    data_dir: Path = Field(Path("data"), description="Where profiles, datasets, jobs (SQLite) and the SVD cache live.")
+    cache_dir: Path | None = Field(None, description="GGUF conversion cache (default ~/.cache/laser-serve or $LASER_CACHE_DIR).")
+    admin_api_key: SecretStr | None = Field(None, description="Bearer key for mutations (profiles, datasets, jobs, export). Unset: open.")
+    api_key: SecretStr | None = Field(None, description="Bearer key for inference (generate, score, compare, completions). Unset: open.")
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (JSON list). Empty: CORS off.")
+    default_profile: str = Field("base", description="Profile used when a request names none (pin production traffic here).")
+    max_queue: int = Field(256, ge=1, description="Pending requests before 429 with Retry-After.")
+    max_batch_size: int = Field(16, ge=1, le=512, description="Requests of one profile run together in one batch.")
+    max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt accepted, in tokens.")
+    max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens / max_tokens accepted.")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted.")
+    edit_cache_bytes: int = Field(1 << 30, ge=0, description="Bytes of materialised edited weights kept (LRU).")
+    svd_cache_bytes: int = Field(2 << 30, ge=0, description="Bytes of in-memory SVD factors kept (LRU).")
+    svd_disk_cache_bytes: int = Field(8 << 30, ge=0, description="Bytes of SVD factors persisted under data_dir/svd (0: off).")
+    arch_spec: Path | None = Field(None, description="JSON file registering an extra architecture (see README).")
+    log_level: str = Field("info", description="debug, info, warning, error.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.lower()
+        if v not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError("log_level must be one of debug, info, warning, error, critical")
+        return v
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "laser.sqlite3"

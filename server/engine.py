@@ -1,0 +1,378 @@
+"""One owner thread runs the model: it applies profiles and executes batches, nothing else does.
+
+Requests are queued per profile ("lanes"). The owner picks the lane whose oldest request has
+waited longest (FIFO across profiles: no lane starves, a request waits at most one batch per
+other profile ahead of it), takes every queued request of that lane with the same operation
+(up to ``max_batch_size``), makes the model hold that profile (a swap only when it differs),
+runs the batch, and hands results back to the event loop. A request is therefore only ever
+computed with its own profile's weights, and swaps happen between batches.
+
+Sweep jobs submit ``task`` items (one config per item), so inference keeps being served
+between sweep steps. The queue is bounded: :class:`EngineOverloaded` maps to HTTP 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar
+
+from laser_ops.interventions import InterventionSpec
+from laser_ops.scoring import GenerationRequest, GenerationResult, Scorer
+from laser_ops.swap import WeightSwapper
+
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Op = Literal["generate", "loglikelihood", "prompt_logprobs", "rolling", "task"]
+_BATCHED: frozenset[str] = frozenset({"generate", "loglikelihood"})
+
+
+class EngineOverloaded(RuntimeError):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"server overloaded; retry after {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class EngineStopped(RuntimeError):
+    pass
+
+
+class UnknownProfile(KeyError):
+    pass
+
+
+class RequestCancelled(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class _Item:
+    profile: str | None  # None: a task that manages the model state itself
+    op: Op
+    payload: Any
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    size: int = 1
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
+        def _set() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+class Engine:
+    """Owner of the model. Async methods may be called from the event loop; the work runs on one thread."""
+
+    def __init__(
+        self,
+        swapper: WeightSwapper,
+        scorer: Scorer,
+        resolve_profile: Callable[[str], Sequence[InterventionSpec]],
+        metrics: Metrics,
+        *,
+        max_queue: int = 256,
+        max_batch_size: int = 16,
+    ) -> None:
+        self.swapper = swapper
+        self.scorer = scorer
+        self.resolve_profile = resolve_profile
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_batch_size = max_batch_size
+        self.active_profile: str | None = "base"
+        self._lanes: dict[str | None, deque[_Item]] = {}
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._batch_seconds = 0.5  # moving estimate, for Retry-After
+        self.batches_run = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run_forever, name="laser-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = [item for lane in self._lanes.values() for item in lane]
+            self._lanes.clear()
+            self._pending = 0
+            self._cond.notify_all()
+        for item in pending:
+            item.resolve(error=EngineStopped("server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    # -- submission (event loop side) ------------------------------------------------------------
+
+    async def submit(
+        self,
+        profile: str | None,
+        op: Op,
+        payload: Any,
+        *,
+        size: int = 1,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Any:
+        """Queue one request and wait for its result; a client that disconnects cancels it."""
+        loop = asyncio.get_running_loop()
+        item = _Item(profile, op, payload, loop.create_future(), loop, size)
+        if cancelled is not None:
+            item.cancelled = cancelled
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("server is shutting down")
+            if op != "task" and self._pending + size > self.max_queue:
+                self.metrics.rejected.labels(profile or "").inc()
+                raise EngineOverloaded(self._retry_after())
+            self._lanes.setdefault(profile, deque()).append(item)
+            self._pending += size
+            self.metrics.queue_depth.set(self._pending)
+            self._cond.notify()
+        try:
+            if is_disconnected is None:
+                return await item.future
+            while True:
+                done, _ = await asyncio.wait({item.future}, timeout=0.25)
+                if done:
+                    return item.future.result()
+                if await is_disconnected():
+                    item.cancelled.set()
+                    raise RequestCancelled("client disconnected")
+        except asyncio.CancelledError:
+            item.cancelled.set()
+            raise
+
+    def _retry_after(self) -> float:
+        batches_ahead = max(1, self._pending // self.max_batch_size)
+        return max(1.0, round(batches_ahead * self._batch_seconds))
+
+    async def generate(self, profile: str, requests: list[GenerationRequest], **kw: Any) -> list[GenerationResult]:
+        return await self.submit(profile, "generate", requests, size=len(requests), **kw)
+
+    async def generate_stream(self, profile: str, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        """Yield text deltas as they are decoded, then the final :class:`GenerationResult`.
+
+        Closing the iterator early (client gone) cancels the request on the engine.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        cancelled = threading.Event()
+        req = replace(request, on_text=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+        task = asyncio.ensure_future(self.submit(profile, "generate", [req], cancelled=cancelled))
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not queue.empty():
+                    yield queue.get_nowait()
+                yield task.result()[0]
+                return
+        finally:
+            if not task.done():
+                cancelled.set()
+                task.cancel()
+
+    async def loglikelihood(self, profile: str, pairs: list[tuple[list[int], list[int]]], **kw: Any) -> list[Any]:
+        return await self.submit(profile, "loglikelihood", pairs, size=max(1, len(pairs)), **kw)
+
+    async def prompt_logprobs(self, profile: str, token_ids: list[list[int]], top_n: int, **kw: Any) -> list[Any]:
+        return await self.submit(profile, "prompt_logprobs", (token_ids, top_n), size=max(1, len(token_ids)), **kw)
+
+    async def rolling(self, profile: str, texts: list[str], max_length: int | None = None,
+                      stride: int | None = None, **kw: Any) -> list[Any]:
+        return await self.submit(profile, "rolling", (texts, max_length, stride), size=max(1, len(texts)), **kw)
+
+    async def run_task(self, fn: Callable[[WeightSwapper, Scorer], T], *, profile: str | None = None,
+                       cancelled: threading.Event | None = None) -> T:
+        """Run ``fn`` on the owner thread (between inference batches); with ``profile`` it runs on those weights."""
+        return await self.submit(profile, "task", fn, cancelled=cancelled)
+
+    # -- owner thread ----------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Item]:
+        profile = min(self._lanes, key=lambda p: self._lanes[p][0].enqueued)
+        lane = self._lanes[profile]
+        head = lane.popleft()
+        batch, size = [head], head.size
+        if head.op in _BATCHED:
+            keep: deque[_Item] = deque()
+            while lane:
+                item = lane.popleft()
+                if item.op == head.op and size + item.size <= self.max_batch_size:
+                    batch.append(item)
+                    size += item.size
+                else:
+                    keep.append(item)
+            lane.extend(keep)
+        if not lane:
+            del self._lanes[profile]
+        self._pending -= sum(i.size for i in batch)
+        self.metrics.queue_depth.set(self._pending)
+        return batch
+
+    def _run_forever(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lanes and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = self._take_batch()
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:  # never let the owner thread die
+                logger.exception("engine batch failed")
+                for item in batch:
+                    item.resolve(error=exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+
+    def _activate(self, profile: str) -> None:
+        try:
+            specs = list(self.resolve_profile(profile))
+        except KeyError:
+            raise UnknownProfile(profile) from None
+        stats = self.swapper.apply(specs)
+        if stats.written:
+            self.metrics.swaps.labels(profile).inc()
+            self.metrics.swap_seconds.labels(profile).observe(stats.seconds)
+            self.metrics.edit_cache_bytes.set(self.swapper.cached_bytes)
+            self.metrics.svd_cache_bytes.set(self.swapper.svd_cache.nbytes)
+        if profile != self.active_profile:
+            self.metrics.set_active(profile, self.active_profile)
+            self.active_profile = profile
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        live = []
+        for item in batch:
+            if item.cancelled.is_set():
+                item.resolve(error=RequestCancelled("cancelled before it ran"))
+            else:
+                live.append(item)
+        if not live:
+            return
+        head = live[0]
+        label = head.profile or "task"
+        start = time.perf_counter()
+        for item in live:
+            self.metrics.queue_seconds.labels(label).observe(start - item.enqueued)
+        try:
+            if head.profile is not None:
+                self._activate(head.profile)
+            elif head.op == "task":
+                self.active_profile = None  # the task owns the weights until the next batch re-applies
+        except Exception as exc:
+            for item in live:
+                item.resolve(error=exc)
+            return
+        run = getattr(self, f"_op_{head.op}")
+        run(live, label)
+        elapsed = time.perf_counter() - start
+        self.batches_run += 1
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        self.metrics.inference_seconds.labels(label, head.op).observe(elapsed)
+        self.metrics.batch_size.labels(label, head.op).observe(len(live))
+
+    def _op_generate(self, items: list[_Item], profile: str) -> None:
+        flat: list[GenerationRequest] = []
+        owners: list[int] = []
+        for idx, item in enumerate(items):
+            for req in item.payload:
+                flat.append(self._instrument(req, item, profile))
+                owners.append(idx)
+        try:
+            results = self.scorer.generate(flat)
+        except Exception as exc:
+            for item in items:
+                item.resolve(error=exc)
+            return
+        per_item: list[list[GenerationResult]] = [[] for _ in items]
+        for owner, res in zip(owners, results, strict=True):
+            per_item[owner].append(res)
+            self.metrics.prompt_tokens.labels(profile).inc(res.n_prompt_tokens)
+            self.metrics.generated_tokens.labels(profile).inc(len(res.token_ids))
+        for item, res in zip(items, per_item, strict=True):
+            item.resolve(res)
+
+    def _instrument(self, req: GenerationRequest, item: _Item, profile: str) -> GenerationRequest:
+        user_cb = req.on_text
+        first = [True]
+
+        def on_text(delta: str) -> None:
+            if first[0]:
+                first[0] = False
+                self.metrics.ttft_seconds.labels(profile).observe(time.perf_counter() - item.enqueued)
+            if user_cb is not None:
+                user_cb(delta)
+
+        user_cancel = req.is_cancelled
+        return replace(req, on_text=on_text,
+                       is_cancelled=lambda: item.cancelled.is_set() or bool(user_cancel and user_cancel()))
+
+    def _op_loglikelihood(self, items: list[_Item], profile: str) -> None:
+        flat = [pair for item in items for pair in item.payload]
+        try:
+            results = self.scorer.loglikelihood_tokens(flat)
+        except Exception as exc:
+            for item in items:
+                item.resolve(error=exc)
+            return
+        self.metrics.prompt_tokens.labels(profile).inc(sum(len(c) + len(x) for c, x in flat))
+        pos = 0
+        for item in items:
+            n = len(item.payload)
+            item.resolve(results[pos:pos + n])
+            pos += n
+
+    def _each(self, items: list[_Item], fn: Callable[[Any], Any]) -> None:
+        for item in items:
+            if item.cancelled.is_set():
+                item.resolve(error=RequestCancelled("cancelled"))
+                continue
+            try:
+                item.resolve(fn(item.payload))
+            except Exception as exc:
+                item.resolve(error=exc)
+
+    def _op_prompt_logprobs(self, items: list[_Item], profile: str) -> None:
+        def run(payload: tuple[list[list[int]], int]) -> list[Any]:
+            ids, top_n = payload
+            self.metrics.prompt_tokens.labels(profile).inc(sum(len(x) for x in ids))
+            return self.scorer.prompt_logprobs(ids, top_n)
+
+        self._each(items, run)
+
+    def _op_rolling(self, items: list[_Item], profile: str) -> None:
+        self._each(items, lambda p: self.scorer.loglikelihood_rolling(p[0], max_length=p[1], stride=p[2]))
+
+    def _op_task(self, items: list[_Item], profile: str) -> None:
+        self._each(items, lambda fn: fn(self.swapper, self.scorer))

@@ -1,0 +1,76 @@
+"""Long-lived objects, built once at start-up (vLLM's init_app_state)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from laser_ops.loading import LoadedModel, load_model
+from laser_ops.scoring import HFScorer
+from laser_ops.svd import SvdCache
+from laser_ops.swap import WeightSwapper
+from laser_ops.targets import ArchSpec, FusedSlice, ModelDescription, ModelTargets, TypeSlot, register_architecture
+
+from server.config import Settings
+from server.engine import Engine
+from server.metrics import Metrics
+from server.store import Database, ProfileStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    loaded: LoadedModel
+    description: ModelDescription
+    swapper: WeightSwapper
+    scorer: HFScorer
+    engine: Engine
+    db: Database
+    profiles: ProfileStore
+    metrics: Metrics
+    extras: dict[str, Any] = field(default_factory=dict)  # stores/runners added by other features
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def register_arch_spec_file(path: str) -> None:
+    """Register an architecture from JSON: {name, model_types, layers, types: {type: module | {module, fused_part, interleaved}}}."""
+    raw = json.loads(open(path).read())
+    types = {}
+    for t, slot in raw["types"].items():
+        if isinstance(slot, str):
+            types[t] = TypeSlot(slot)
+        else:
+            fused = FusedSlice(slot["fused_part"], slot.get("interleaved", False)) if "fused_part" in slot else None
+            types[t] = TypeSlot(slot["module"], fused)
+    register_architecture(ArchSpec(raw["name"], tuple(raw["model_types"]), tuple(raw["layers"]), types),
+                          replace=True)
+
+
+def build_services(settings: Settings, metrics: Metrics, loaded: LoadedModel | None = None) -> Services:
+    """Load the model (unless given), restore profiles, start the engine thread."""
+    if settings.arch_spec is not None:
+        register_arch_spec_file(str(settings.arch_spec))
+    if loaded is None:
+        loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                            cache_dir=settings.cache_dir)
+    targets = ModelTargets.of(loaded.model)
+    svd_dir = settings.data_dir / "svd" if settings.svd_disk_cache_bytes > 0 else None
+    svd_cache = SvdCache(loaded.fingerprint, max_bytes=settings.svd_cache_bytes, disk_dir=svd_dir,
+                         max_disk_bytes=settings.svd_disk_cache_bytes)
+    swapper = WeightSwapper(loaded.model, svd_cache=svd_cache, max_cache_bytes=settings.edit_cache_bytes,
+                            targets=targets)
+    scorer = HFScorer(loaded.model, loaded.tokenizer, batch_size=settings.max_batch_size)
+    db = Database(settings.db_path)
+    profiles = ProfileStore(db)
+    engine = Engine(swapper, scorer, profiles.specs, metrics, max_queue=settings.max_queue,
+                    max_batch_size=settings.max_batch_size)
+    engine.start()
+    metrics.set_active("base", None)
+    logger.info("ready: %s with %d stored profiles", loaded.model_id, len(profiles.list()))
+    return Services(settings, loaded, targets.describe(), swapper, scorer, engine, db, profiles, metrics)
