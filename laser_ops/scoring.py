@@ -406,7 +406,7 @@ class _TextTracker:
         """The next piece of ``text`` that is safe to stream (everything left, when ``final``)."""
         safe = text
         if not final:
-            safe = safe.rstrip("\ufffd")
+            pass
             for k in range(min(len(safe), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
                 if any(s.startswith(safe[-k:]) for s in self.stop):
                     safe = safe[:-k]
@@ -777,7 +777,7 @@ class HFScorer(Scorer):
                     return
                 if len(keep) < len(active):
                     keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-                    pass
+                    cache.batch_select_indices(keep_t)
                     mask, next_pos = mask[keep_t], next_pos[keep_t]
                     active = [active[r] for r in keep]
                 step_ids = torch.tensor([[s.tracker.ids[-1]] for s in active], dtype=torch.long, device=device)

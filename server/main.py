@@ -17,12 +17,12 @@ from laser_ops.loading import LoadedModel
 from server.config import Settings
 from server.errors import error_body, install_error_handlers
 from server.metrics import Metrics
-from server.routes import system
+from server.routes import inference, openai, profiles, system
 from server.state import build_services
 
 logger = logging.getLogger(__name__)
 
-ROUTERS = [system.router]
+ROUTERS = [system.router, profiles.router, inference.router, openai.router]
 
 
 def _include_feature_routers(app: FastAPI) -> None:

@@ -1,0 +1,5 @@
+"""Routes: inference (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

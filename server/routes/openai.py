@@ -1,0 +1,5 @@
+"""Routes: openai (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

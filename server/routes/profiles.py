@@ -1,0 +1,5 @@
+"""Routes: profiles (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,34 @@
+"""Checks every inference route shares: which profile serves a request, and the size limits."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from server.errors import ApiError
+from server.state import Services
+
+
+def resolve_profile(services: Services, request: Request, name: str | None, *,
+                    loc: tuple[str | int, ...] = ("body", "profile")) -> str:
+    """The profile that serves this request (``default_profile`` when unnamed); 404 if unknown.
+
+    Also labels the request's metrics with the profile.
+    """
+    profile = name or services.settings.default_profile
+    if profile not in services.profiles:
+        known = ["base", *(p.name for p in services.profiles.list())]
+        raise ApiError(404, f"unknown profile {profile!r}; known profiles: {known}", loc)
+    request.state.profile = profile
+    return profile
+
+
+def check_prompt_tokens(services: Services, n_tokens: int, loc: tuple[str | int, ...]) -> None:
+    limit = services.settings.max_prompt_tokens
+    if n_tokens > limit:
+        raise ApiError(413, f"prompt has {n_tokens} tokens; the limit is {limit} (max_prompt_tokens)", loc)
+
+
+def check_new_tokens(services: Services, n: int, loc: tuple[str | int, ...]) -> None:
+    limit = services.settings.max_new_tokens
+    if not 0 <= n <= limit:
+        raise ApiError(422, f"{loc[-1]} must be in 0..{limit}, got {n}", loc)
