@@ -406,7 +406,7 @@ class _TextTracker:
         """The next piece of ``text`` that is safe to stream (everything left, when ``final``)."""
         safe = text
         if not final:
-            pass
+            safe = safe.rstrip("\ufffd")
             for k in range(min(len(safe), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
                 if any(s.startswith(safe[-k:]) for s in self.stop):
                     safe = safe[:-k]

@@ -240,7 +240,7 @@ def test_rolling_small_windows_count_every_token_once(scorer, tok):
         (r,) = scorer.loglikelihood_rolling([text], max_length=max_length, stride=stride)
         assert r.n_tokens == full.n_tokens == len(ids) - 1
         assert math.isfinite(r.logprob) and r.logprob != pytest.approx(full.logprob, abs=1e-3)
-    # stride 1: each token sees exactly the max_length - 1 ... tokens before it; check by brute force.
+    # max_length 5, stride 1: token i is conditioned on exactly ids[max(0, i - 5):i]; check by brute force.
     brute = sum(
         scorer.loglikelihood_tokens([(ids[max(0, i - 5) : i], [ids[i]])])[0].logprob for i in range(1, len(ids))
     )
@@ -275,9 +275,11 @@ def test_prompt_logprobs_echo_layout(scorer, tok):
 def test_prompt_logprobs_longer_than_window(tok):
     s = HFScorer(_model("llama"), tok, max_length=6)
     ids = s.encode("The capital of France is Paris. The capital of Italy is Rome.")
-    (p,) = s.prompt_logprobs([ids, [5]])[:1]
+    p, single = s.prompt_logprobs([ids, [5]])
     assert len(p.token_logprobs) == len(ids) and all(math.isfinite(x) for x in p.token_logprobs[1:])
-    assert s.prompt_logprobs([[5]])[0].token_logprobs == [None]
+    wide = HFScorer(_model("llama"), tok).prompt_logprobs([ids])[0]
+    assert p.token_logprobs[1:6] == pytest.approx(wide.token_logprobs[1:6], abs=1e-4)  # first window: same
+    assert single.token_logprobs == [None] and single.top_logprobs == [None]
 
 
 # ------------------------------------------------------------------------------------- generation
