@@ -190,7 +190,7 @@ class SvdCache:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         save_file(
             {"U": dec.U, "S": dec.S, "Vh": dec.Vh, "shape": torch.tensor(dec.shape),
              "complete": torch.tensor(dec.complete)},

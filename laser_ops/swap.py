@@ -127,8 +127,8 @@ class WeightSwapper:
         """Validate a profile against this model and expand it to per-matrix edits."""
         return expand(parse_profile(specs), self.targets)
 
-    def _original_logical(self, ref: TargetRef) -> torch.Tensor:
-        """The base matrix of ``ref`` (from the live parameter while it is unedited, else the CPU copy)."""
+    def original_matrix(self, ref: TargetRef) -> torch.Tensor:
+        """The base (unedited) logical matrix of ``ref``: the live parameter while it is unedited, else the CPU copy."""
         name = ref.param_name
         source = self._originals[name] if name in self.applied else self._params[name]
         return read_matrix(source, ref)
@@ -137,7 +137,7 @@ class WeightSwapper:
         param = self._params[name]
         full = (self._originals[name] if name in self.applied else param.detach()).to(torch.float32, copy=True)
         for edit in edits:
-            w = self._original_logical(edit.ref).to(torch.float32)
+            w = self.original_matrix(edit.ref).to(torch.float32)
             kind = edit_kind(edit.spec.kind)
 
             def provider(min_rank: int | None, complete: bool, _ref: TargetRef = edit.ref, _w: torch.Tensor = w):
@@ -195,7 +195,7 @@ class WeightSwapper:
     def spectrum(self, type_: str, layer: int, k: int | None = None) -> SpectrumReport:
         """Data-free diagnostics of one base matrix (uses the SVD cache)."""
         ref = self.targets.ref(type_, layer)
-        dec = self.svd_cache.get(ref.key, self._original_logical(ref).to(torch.float32), complete=True)
+        dec = self.svd_cache.get(ref.key, self.original_matrix(ref).to(torch.float32), complete=True)
         return spectrum_report(dec.S, ref.shape, k)
 
     # -- applying --------------------------------------------------------------------------------

@@ -1,0 +1,451 @@
+"""Export an edit profile as a folder that plain ``transformers`` loads, with or without laser-serve.
+
+Two forms:
+
+* :func:`export_dense` writes the edited model as a standard Hugging Face folder (safetensors,
+  config, generation config, tokenizer). ``AutoModelForCausalLM.from_pretrained(folder)`` gives
+  the same logits as the profile served live.
+* :func:`export_factored` stores every low-rank edited matrix as its two rank-k factors
+  ``A = U_k * S_k`` (m x k) and ``B = Vh_k`` (k x n) in ``laser_factors.safetensors``, the rest of
+  the weights in ``model.safetensors`` (factored matrices omitted there), and writes a small
+  self-contained ``laser_loader.py`` (torch, safetensors, transformers only) whose
+  ``load(folder)`` rebuilds the dense weights. Factors are always of the logical (out x in)
+  matrix; for GPT-2 ``Conv1D`` (stored in x out) the loader writes the transposed product.
+
+Both write ``laser_profile.json`` beside the weights: the profile (interventions JSON), the base
+model fingerprint, the laser-serve version and per-matrix figures (the :class:`ExportReport`).
+
+The profile is applied with ``swapper.applied_profile(specs)`` for the duration of the write and
+the previous state comes back in ``finally``, bit for bit. Like every swap, an export must run on
+the swapper's owner thread (the server's engine thread): see :mod:`laser_ops.swap`.
+
+Files are written into a temporary sibling folder and moved into place at the end, so a failed
+export leaves no half-written folder behind. A non-empty target folder is refused unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from torch import nn
+
+import laser_ops
+from laser_ops.interventions import InterventionSpec, MatrixEdit, edit_kind, parse_profile
+from laser_ops.svd import Decomposition
+from laser_ops.swap import ProfileLike, WeightSwapper, profile_signature
+from laser_ops.targets import TargetRef, read_matrix
+
+logger = logging.getLogger(__name__)
+
+PROFILE_FILE = "laser_profile.json"
+FACTORS_FILE = "laser_factors.safetensors"
+LOADER_FILE = "laser_loader.py"
+FORMAT = "laser-serve-export"
+FORMAT_VERSION = 1
+FACTORABLE_KINDS: tuple[str, ...] = ("laser", "laser_mp")
+"""Edit kinds whose result is exactly a rank-k product of the cached SVD factors."""
+
+ExportMode = Literal["dense", "factored"]
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+@dataclass
+class MatrixRow:
+    """One edited logical matrix: how it is stored and what that costs.
+
+    ``dense_bytes`` is the matrix at the model's dtype; ``stored_bytes`` what this export spends
+    on it (the two factors when ``stored == "factored"``, else the dense bytes).
+    """
+
+    param_name: str
+    type: str
+    layer: int
+    kind: str
+    shape: tuple[int, int]
+    k: int | None
+    stored: Literal["dense", "factored"]
+    dense_bytes: int
+    stored_bytes: int
+    saved_bytes: int
+    note: str | None = None
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote. JSON-serialisable with :meth:`to_dict` / :meth:`to_json`.
+
+    ``dense_bytes``: the edited matrices at the model's dtype; ``factored_bytes``: what this export
+    spends on those same matrices; ``saved_bytes = dense_bytes - factored_bytes`` (0 for dense
+    exports). ``bytes`` is the size of every file written; ``files`` maps each relative file name
+    to its size.
+    """
+
+    path: str
+    mode: ExportMode
+    files: dict[str, int]
+    bytes: int
+    dense_bytes: int
+    factored_bytes: int
+    saved_bytes: int
+    rows: list[MatrixRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    profile_signature: str = ""
+    fingerprint: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for row in d["rows"]:
+            row["shape"] = list(row["shape"])
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def export_dense(
+    model: nn.Module,
+    tokenizer: Any,
+    swapper: WeightSwapper,
+    specs: ProfileLike,
+    out_dir: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    fingerprint: str | None = None,
+    max_shard_size: str | int = "5GB",
+) -> ExportReport:
+    """Write the model with ``specs`` applied as a standard Hugging Face folder.
+
+    ``fingerprint`` defaults to the swapper's SVD cache fingerprint (the base model's). Raises
+    ``FileExistsError`` for a non-empty ``out_dir`` unless ``overwrite``; an invalid profile
+    raises :class:`~laser_ops.interventions.InterventionError` before anything is written.
+    """
+    t0 = time.perf_counter()
+    parsed, edits = _plan(model, swapper, specs)
+    out = Path(out_dir)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    rows = [_dense_row(e, params[e.ref.param_name], None) for e in edits]
+    with _staging(out, overwrite) as tmp, swapper.applied_profile(parsed):
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        report = _finish(tmp, out, "dense", rows, [], parsed, swapper, fingerprint, metadata)
+    report.seconds = time.perf_counter() - t0
+    logger.info("exported dense profile %s to %s (%d bytes)", report.profile_signature, out, report.bytes)
+    return report
+
+
+def export_factored(
+    model: nn.Module,
+    tokenizer: Any,
+    swapper: WeightSwapper,
+    specs: ProfileLike,
+    out_dir: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    fingerprint: str | None = None,
+    factor_dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = "5GB",
+) -> ExportReport:
+    """Write the remainder of the weights, the rank-k factors of each low-rank edit, and a loader.
+
+    Only ``laser`` and ``laser_mp`` edits of whole (non-fused) matrices are factored, and only
+    when the factors are smaller than the dense matrix; every other edited matrix is stored
+    dense in ``model.safetensors`` with a note in its row. Factors are kept in ``factor_dtype``
+    (float32 by default: the loader then reproduces the live weights exactly, since it runs the
+    same product the swapper ran). Load the folder with ``laser_loader.load(folder)``.
+    """
+    t0 = time.perf_counter()
+    parsed, edits = _plan(model, swapper, specs)
+    out = Path(out_dir)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    aliases = _aliases(model)
+    by_param: dict[str, list[MatrixEdit]] = {}
+    for e in edits:
+        by_param.setdefault(e.ref.param_name, []).append(e)
+
+    rows: list[MatrixRow] = []
+    notes: list[str] = []
+    candidates: dict[str, tuple[MatrixEdit, torch.Tensor, torch.Tensor, int]] = {}
+    for name, group in by_param.items():
+        param = params[name]
+        reason = _unfactorable_reason(group)
+        if reason is None:
+            edit = group[0]
+            A, B, k = _factors(swapper, edit, factor_dtype)
+            dense = _nbytes(edit.ref.shape, param.dtype)
+            factored = (A.numel() + B.numel()) * A.element_size()
+            if factored < dense:
+                candidates[name] = (edit, A, B, k)
+                continue
+            rows.append(_dense_row(edit, param, k, f"rank-{k} factors ({factored} B) are not smaller than the "
+                                                   f"dense matrix ({dense} B); stored dense"))
+            continue
+        rows.extend(_dense_row(e, param, None, reason) for e in group)
+
+    with _staging(out, overwrite) as tmp, swapper.applied_profile(parsed):
+        tensors: dict[str, torch.Tensor] = {}
+        entries: list[dict[str, Any]] = []
+        omit: set[str] = set()
+        for name, (edit, A, B, k) in candidates.items():
+            param = params[name]
+            live = read_matrix(param, edit.ref).to("cpu", torch.float32)
+            product = (A.to(torch.float32) @ B.to(torch.float32)).to(param.dtype).to(torch.float32)
+            tol = max(1e-5, 4 * torch.finfo(param.dtype).eps) * max(1.0, live.abs().max().item())
+            diff = (product - live).abs().max().item()
+            if diff > tol:
+                rows.append(_dense_row(edit, param, k, f"factor product differs from the live weights by {diff:.3g} "
+                                                       f"(tolerance {tol:.3g}); stored dense"))
+                continue
+            i = len(entries)
+            tensors[f"{i}.A"] = A.contiguous()
+            tensors[f"{i}.B"] = B.contiguous()
+            names = aliases.get(name, [name])
+            omit.update(names)
+            entries.append({
+                "a": f"{i}.A", "b": f"{i}.B", "params": names, "type": edit.ref.type, "layer": edit.ref.layer,
+                "shape": list(edit.ref.shape), "k": k, "transposed": edit.ref.transposed,
+                "kind": edit.spec.kind, "dtype": str(param.dtype).removeprefix("torch."),
+            })
+            factored = (A.numel() + B.numel()) * A.element_size()
+            dense = _nbytes(edit.ref.shape, param.dtype)
+            rows.append(MatrixRow(name, edit.ref.type, edit.ref.layer, edit.spec.kind, edit.ref.shape, k,
+                                  "factored", dense, factored, dense - factored))
+        state = {n: t for n, t in model.state_dict().items() if n not in omit}
+        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(tensors, str(tmp / FACTORS_FILE), metadata={
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "laser_factors": json.dumps(entries)})
+        (tmp / LOADER_FILE).write_text(LOADER_SOURCE)
+        if not entries:
+            notes.append("no matrix was factored; laser_factors.safetensors is empty and the folder also "
+                         "loads with plain from_pretrained")
+        rows.sort(key=lambda r: (r.layer, r.type))
+        report = _finish(tmp, out, "factored", rows, notes, parsed, swapper, fingerprint, metadata)
+    report.seconds = time.perf_counter() - t0
+    logger.info("exported factored profile %s to %s (%d bytes, %d saved)", report.profile_signature, out,
+                report.bytes, report.saved_bytes)
+    return report
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _plan(model: nn.Module, swapper: WeightSwapper,
+          specs: ProfileLike) -> tuple[list[InterventionSpec], list[MatrixEdit]]:
+    if swapper.model is not model:
+        raise ValueError("swapper.model is not the model being exported")
+    parsed = parse_profile(specs)
+    return parsed, swapper.plan(parsed)  # raises InterventionError before any write
+
+
+def _nbytes(shape: tuple[int, int], dtype: torch.dtype) -> int:
+    return shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+
+
+def _dense_row(edit: MatrixEdit, param: torch.Tensor, k: int | None, note: str | None = None) -> MatrixRow:
+    dense = _nbytes(edit.ref.shape, param.dtype)
+    return MatrixRow(edit.ref.param_name, edit.ref.type, edit.ref.layer, edit.spec.kind, edit.ref.shape, k,
+                     "dense", dense, dense, 0, note)
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name of the same tensor (tied weights share one parameter)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {name: names for names in by_id.values() for name in names}
+
+
+def _unfactorable_reason(group: list[MatrixEdit]) -> str | None:
+    if len(group) > 1 or group[0].ref.rows is not None:
+        return (f"fused slice of {group[0].ref.param_name}: the parameter holds other projections, "
+                "so it is stored dense")
+    kind = group[0].spec.kind
+    if kind not in FACTORABLE_KINDS:
+        return f"kind {kind!r} is not a top-k low-rank edit (factorable: {', '.join(FACTORABLE_KINDS)}); stored dense"
+    return None
+
+
+def _factors(swapper: WeightSwapper, edit: MatrixEdit, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rank-k factors the swapper's own edit kind uses: A = U_k * S_k (m x k), B = Vh_k (k x n).
+
+    The edit kind is run with a decomposition provider that records what it was given, so ``k``
+    and the factors are exactly those behind the live weights (same cache, same SVD method).
+    """
+    ref: TargetRef = edit.ref
+    # The base matrix, whatever profile is live now (the swapper keeps originals of edited params).
+    w = swapper.original_matrix(ref).to(torch.float32)
+    seen: list[Decomposition] = []
+
+    def provider(min_rank: int | None, complete: bool) -> Decomposition:
+        exact = complete or swapper.svd_method == "exact"
+        dec = swapper.svd_cache.get(ref.key, w, min_rank=min_rank, complete=exact)
+        seen.append(dec)
+        return dec
+
+    result = edit_kind(edit.spec.kind).apply(edit.spec, w, provider, ref)
+    if result.k is None or not seen:
+        raise RuntimeError(f"edit kind {edit.spec.kind!r} did not report a rank for {ref.param_name}")
+    dec, k = seen[-1], result.k
+    A = (dec.U[:, :k] * dec.S[:k]).to(dtype)
+    B = dec.Vh[:k].to(dtype)
+    return A, B, k
+
+
+@contextmanager
+def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder; moved to ``out`` by :func:`_finish`, removed on failure."""
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
+
+
+def _finish(tmp: Path, out: Path, mode: ExportMode, rows: list[MatrixRow], notes: list[str],
+            specs: list[InterventionSpec], swapper: WeightSwapper, fingerprint: str | None,
+            metadata: Mapping[str, Any] | None) -> ExportReport:
+    dense = sum(r.dense_bytes for r in rows)
+    stored = sum(r.stored_bytes for r in rows)
+    notes = notes + sorted({r.note for r in rows if r.note})
+    report = ExportReport(
+        path=str(out), mode=mode, files={}, bytes=0, dense_bytes=dense, factored_bytes=stored,
+        saved_bytes=dense - stored, rows=rows, notes=notes, profile_signature=profile_signature(specs),
+        fingerprint=fingerprint or swapper.svd_cache.fingerprint)
+    model = swapper.model
+    config = getattr(model, "config", None)
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "laser_serve_version": laser_ops.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base_model": {
+            "fingerprint": report.fingerprint,
+            "model_type": getattr(config, "model_type", None),
+            "name_or_path": getattr(config, "_name_or_path", None),
+            "architecture": swapper.targets.spec.name,
+        },
+        "profile": [s.model_dump(mode="json", exclude_none=True) for s in specs],
+        "profile_signature": report.profile_signature,
+        "load": ("from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(folder)"
+                 if mode == "dense" else
+                 "import importlib.util, os; spec = importlib.util.spec_from_file_location('laser_loader', "
+                 "os.path.join(folder, 'laser_loader.py')); m = importlib.util.module_from_spec(spec); "
+                 "spec.loader.exec_module(m); model = m.load(folder)"),
+        "metadata": dict(metadata or {}),
+        "report": {k: v for k, v in report.to_dict().items() if k not in ("path", "files", "bytes", "seconds")},
+    }
+    (tmp / PROFILE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    if out.exists():
+        shutil.rmtree(out)  # empty, or overwrite=True (checked in _staging)
+    os.replace(tmp, out)
+    report.files = files
+    report.bytes = sum(files.values())
+    return report
+
+
+# --- the loader written into factored exports ----------------------------------------------------
+
+LOADER_SOURCE = '''"""Load a laser-serve factored export: plain transformers plus rank-k factors.
+
+Self-contained: needs only torch, safetensors and transformers (not laser-serve).
+
+    import importlib.util, os
+    spec = importlib.util.spec_from_file_location("laser_loader", os.path.join(folder, "laser_loader.py"))
+    laser_loader = importlib.util.module_from_spec(spec); spec.loader.exec_module(laser_loader)
+    model = laser_loader.load(folder)            # extra keyword arguments go to from_pretrained
+
+``model.safetensors`` holds every weight except the factored matrices; ``laser_factors.safetensors``
+holds, per edited matrix, A = U_k * S_k (m x k) and B = Vh_k (k x n) of the logical (out x in)
+matrix. ``load`` builds the model from the folder, then writes A @ B into each factored parameter
+(transposed where the parameter is stored in x out, as GPT-2 Conv1D does; into every name of a
+tied parameter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import transformers
+from safetensors import safe_open
+
+FACTORS_FILE = "laser_factors.safetensors"
+
+
+def factors(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The factored matrices listed in the folder (names, shapes, ranks, orientation)."""
+    with safe_open(os.path.join(folder, FACTORS_FILE), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("laser_factors", "[]"))
+
+
+def _model_class(config: Any) -> Any:
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def dense_weight(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The stored weight of one factored matrix: A @ B, or its transpose for in x out storage."""
+    w = a.to(torch.float32) @ b.to(torch.float32)
+    return w.t() if transposed else w
+
+
+def load(folder: str | os.PathLike, **from_pretrained_kwargs: Any) -> torch.nn.Module:
+    """The edited model, in eval mode, with every factored matrix rebuilt dense."""
+    folder = os.fspath(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the factored matrices are "missing" on purpose
+    try:
+        model = _model_class(config).from_pretrained(folder, **from_pretrained_kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with safe_open(os.path.join(folder, FACTORS_FILE), framework="pt") as f, torch.no_grad():
+        for entry in json.loads((f.metadata() or {}).get("laser_factors", "[]")):
+            w = dense_weight(f.get_tensor(entry["a"]), f.get_tensor(entry["b"]), entry["transposed"])
+            for name in entry["params"]:
+                p = params[name]
+                if tuple(p.shape) != tuple(w.shape):
+                    raise ValueError(f"{name}: factors give {tuple(w.shape)}, the model has {tuple(p.shape)}")
+                p.copy_(w.to(device=p.device, dtype=p.dtype))
+    return model.eval()
+'''
