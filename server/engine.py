@@ -169,6 +169,11 @@ class Engine:
             item.cancelled.set()
             raise
 
+    def check_capacity(self, size: int = 1) -> None:
+        """Raise :class:`EngineOverloaded` if ``size`` more queued requests would not fit right now."""
+        if self._pending + size > self.max_queue:
+            raise EngineOverloaded(self._retry_after())
+
     def _retry_after(self) -> float:
         batches_ahead = max(1, self._pending // self.max_batch_size)
         return max(1.0, round(batches_ahead * self._batch_seconds))
@@ -186,6 +191,7 @@ class Engine:
         cancelled = threading.Event()
         req = replace(request, on_text=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
         task = asyncio.ensure_future(self.submit(profile, "generate", [req], cancelled=cancelled))
+        getter: asyncio.Future[str] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -199,6 +205,8 @@ class Engine:
                 yield task.result()[0]
                 return
         finally:
+            if getter is not None and not getter.done():
+                getter.cancel()  # else a closed stream leaves a pending queue.get() task behind
             if not task.done():
                 cancelled.set()
                 task.cancel()
@@ -285,17 +293,20 @@ class Engine:
         start = time.perf_counter()
         for item in live:
             self.metrics.queue_seconds.labels(label).observe(start - item.enqueued)
+        before = dict(self.swapper.applied) if head.profile is None else None
         try:
             if head.profile is not None:
                 self._activate(head.profile)
-            elif head.op == "task":
-                self.active_profile = None  # the task owns the weights until the next batch re-applies
         except Exception as exc:
             for item in live:
                 item.resolve(error=exc)
             return
         run = getattr(self, f"_op_{head.op}")
         run(live, label)
+        if before is not None and self.swapper.applied != before:
+            # The task left other weights live: no named profile holds until the next batch re-applies one.
+            self.metrics.set_active(None, self.active_profile)
+            self.active_profile = None
         elapsed = time.perf_counter() - start
         self.batches_run += 1
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed

@@ -1,0 +1,368 @@
+"""Protocol models of the OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions,
+/tokenize, /detokenize, /tokenizer_info).
+
+Requests ignore fields they do not know (OpenAI clients send many); fields they know but cannot honour
+(``suffix``, penalties, ``logit_bias``, ``best_of`` != ``n``, tools, non-text content) are refused with a
+400 that names the field instead of being silently dropped. ``model`` picks the profile: ``base`` or a
+stored profile name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+#: Most alternatives per position a request may ask for (vLLM's default cap; OpenAI allows 5 / 20).
+MAX_LOGPROBS = 20
+#: Most choices per prompt (``n``).
+MAX_N = 64
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(..., description="What went wrong, naming the offending field.")
+    type: str = Field(..., description="invalid_request_error, authentication_error, permission_error, "
+                                       "rate_limit_error, server_error, service_unavailable_error.")
+    param: str | None = Field(None, description="The request field at fault (dotted path), if any.")
+    code: str | None = Field(None, description="Machine-readable code, e.g. model_not_found.")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorInfo
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class ModelCard(BaseModel):
+    id: str = Field(..., description="What to send as `model`: 'base' or a profile name.")
+    object: Literal["model"] = "model"
+    created: int = Field(..., description="Unix time the profile was created (server start for base).")
+    owned_by: str = "laser-serve"
+    root: str = Field(..., description="The underlying model (alias, folder or GGUF stem).")
+    parent: str | None = Field(None, description="'base' for profiles (they are edits of it); null for base.")
+    max_model_len: int | None = Field(None, description="Longest prompt + completion, in tokens.")
+    description: str | None = Field(None, description="The profile's description.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --------------------------------------------------------------------------------------------- shared
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices) before [DONE].")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(..., description="Prompt tokens, counted once per prompt (not per choice).")
+    completion_tokens: int = Field(..., description="Generated tokens over all choices (an ending EOS not counted).")
+    total_tokens: int
+
+
+def _no_effect(name: str, value: Any, neutral: tuple[Any, ...]) -> Any:
+    if value not in neutral:
+        raise ValueError(f"{name}={value!r} is not supported by laser-serve (only {neutral[-1]!r} / unset)")
+    return value
+
+
+class _SamplingBase(BaseModel):
+    """Fields completions and chat share; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="'base' or a profile name (see GET /v1/models); unset: the "
+                                                "server's default profile. The base model's own id also means 'base'.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy (deterministic).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 switches it off.")
+    top_k: int = Field(-1, ge=-1, description="Extension (vLLM): keep the k most likely tokens; -1 or 0: off.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
+    stream: bool = Field(False, description="Send server-sent events, ending with `data: [DONE]`.")
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="Stop strings; the text ends just before the first one.")
+    seed: int | None = Field(None, description="Reproducible sampling; choice j of a prompt uses seed + j.")
+    presence_penalty: float | None = Field(None, description="Only 0 / unset.")
+    frequency_penalty: float | None = Field(None, description="Only 0 / unset.")
+    logit_bias: dict[str, float] | None = Field(None, description="Only empty / unset.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v: float | None, info: Any) -> float | None:
+        return _no_effect(info.field_name, v, (None, 0, 0.0))
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("logit_bias is not supported by laser-serve (only {} / unset)")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        items = [v] if isinstance(v, str) else list(v or [])
+        return [s for s in items if s]
+
+    @property
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])  # type: ignore[arg-type]
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+# --------------------------------------------------------------------------------------------- completions
+
+Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]
+
+
+class CompletionRequest(_SamplingBase):
+    """POST /v1/completions. lm-evaluation-harness's `local-completions` sends
+    {model, prompt, max_tokens: 1, temperature: 0, logprobs: 1, echo: true, seed}."""
+
+    prompt: Prompt = Field(..., description="A string, a list of strings, a list of token ids, or a list of "
+                                            "token-id lists; each prompt gets `n` choices.")
+    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate (0: none, to score an echoed prompt).")
+    echo: bool = Field(False, description="Return the prompt before the completion (text and logprobs).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "Return per-token log-probs with this many alternatives per position (the chosen token is always "
+        "among them). With echo they cover the prompt too; the first prompt token's log-prob is null."))
+    suffix: str | None = Field(None, description="Not supported (only unset).")
+    best_of: int | None = Field(None, description="Only unset or equal to n.")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        return _no_effect("suffix", v, (None, ""))
+
+    @model_validator(mode="after")
+    def _best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of={self.best_of} is not supported (only unset or equal to n={self.n})")
+        return self
+
+
+class CompletionLogprobs(BaseModel):
+    """Aligned one-to-one: the i-th token, its log-prob, its alternatives and its offset in `text`."""
+
+    tokens: list[str] = Field(default_factory=list, description="Token strings; they join to the returned text "
+                                                                "(a listed EOS shows its special-token text).")
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list, description="Character offset of each token in `text`.")
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(..., description="prompt_index * n + j.")
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- chat
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextPart:
+        if self.type != "text" or self.text is None:
+            raise ValueError(f"content part of type {self.type!r} is not supported (text only)")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(..., description="system, developer, user, assistant (or any role the template knows).")
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(p.text or "" for p in content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_SamplingBase):
+    """POST /v1/chat/completions: the messages go through the model's chat template."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=0, description="Deprecated alias of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=0, description="Unset: up to the server's max_new_tokens "
+                                                                      "(and the model's context).")
+    logprobs: bool = Field(False, description="Return log-probs of the generated tokens.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                      description="Alternatives per token (needs logprobs).")
+    add_generation_prompt: bool = Field(True, description="Extension (vLLM): end the prompt with the assistant header.")
+    continue_final_message: bool = Field(False, description="Extension (vLLM): continue the last (assistant) message.")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extension (vLLM): extra template variables.")
+    tools: list[Any] | None = Field(None, description="Not supported (only empty / unset).")
+    tool_choice: Any = Field(None, description="Only 'none' / unset.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} / unset.")
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[Any] | None) -> list[Any] | None:
+        if v:
+            raise ValueError("tools are not supported by laser-serve")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        return _no_effect("tool_choice", v, (None, "none"))
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type") != "text":
+            raise ValueError(f"response_format {v.get('type')!r} is not supported (only 'text')")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.continue_final_message and self.add_generation_prompt:
+            self.add_generation_prompt = False
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape; lm-eval's remote tokenizer sends {prompt, add_special_tokens: false})."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="Optional; every profile shares the tokenizer.")
+    prompt: str | None = Field(None, description="Text to tokenize (give this or messages).")
+    messages: list[ChatMessage] | None = Field(None, description="Chat to render with the template, then tokenize.")
+    add_special_tokens: bool = Field(True, description="Prepend the BOS the tokenizer adds by default (as "
+                                                       "/v1/completions does for text prompts).")
+    add_generation_prompt: bool = Field(True, description="With messages: end with the assistant header.")
+    return_token_strs: bool = Field(False, description="Also return each token's text.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None = Field(None, description="Jinja chat template used by /v1/chat/completions.")
+    model_max_length: int | None = Field(None, description="Model positions (prompt + completion).")
+    vocab_size: int
+    add_bos_token: bool = Field(..., description="Whether text prompts get a BOS prepended.")
