@@ -178,7 +178,8 @@ def rank_for(spec: InterventionSpec, shape: tuple[int, int], S: Callable[[], tor
                                     ("rank",))
         return spec.rank
     if spec.rank_fraction is not None:
-        return max(1, math.floor(spec.rank_fraction * r))
+        # The epsilon keeps an exact product exact: 0.7 * 30 is 20.999999999999996 in floating point.
+        return max(1, math.floor(spec.rank_fraction * r + 1e-9))
     assert spec.energy is not None
     s2 = S().double() ** 2
     cum = torch.cumsum(s2, 0) / s2.sum()

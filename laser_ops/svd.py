@@ -86,12 +86,10 @@ def decompose(
         complete = True
     else:
         q = min(min(m, n), rank + 10)
-        gen_state = torch.random.get_rng_state()
-        try:
+        # Seeded for reproducibility without disturbing the caller's RNG streams (CPU and this device).
+        with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
             torch.manual_seed(seed)
             U, S, V = torch.svd_lowrank(a, q=q, niter=niter)
-        finally:
-            torch.random.set_rng_state(gen_state)
         U, S, Vh = U[:, :rank], S[:rank], V[:, :rank].t()
         complete = False
     return Decomposition(U.cpu().contiguous(), S.cpu().contiguous(), Vh.cpu().contiguous(), (m, n), complete)

@@ -234,7 +234,11 @@ class ModelTargets:
     def expand_types(self, target: str) -> tuple[str, ...]:
         """A type or a group name -> the types this architecture has."""
         if target in GROUPS:
-            return tuple(t for t in GROUPS[target] if t in self.spec.types)
+            found = tuple(t for t in GROUPS[target] if t in self.spec.types)
+            if not found:
+                raise TargetError(f"architecture {self.spec.name!r} has no type of group {target!r}; "
+                                  f"its types are {list(self.types)}")
+            return found
         if target not in TYPES:
             raise TargetError(
                 f"unknown target {target!r}; allowed: types {list(TYPES)} or groups {list(GROUPS)}")
