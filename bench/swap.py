@@ -23,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from laser_ops.loading import load_model  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from laser_ops.loading import LoadedModel, load_model, model_fingerprint, resolve_device, resolve_dtype  # noqa: E402
 from laser_ops.svd import SvdCache, decompose  # noqa: E402
 from laser_ops.swap import WeightSwapper  # noqa: E402
 from laser_ops.targets import ModelTargets, describe, read_matrix  # noqa: E402
@@ -51,6 +53,16 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device,
     return statistics.median(times)
 
 
+def random_model(folder: str, device: str | None, dtype: str | None) -> LoadedModel:
+    """A model with the folder's architecture and random weights (timings depend on shapes only)."""
+    dev = resolve_device(device)
+    config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(folder), f"random:{Path(folder).name}", folder,
+                       model_fingerprint(model))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="alias, HF folder or .gguf file")
@@ -61,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-repeats", type=int, default=3, help="timed 32-token generations (median)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rho", type=float, default=0.01, help="rank fraction of the cached profiles")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build --model (a folder with config.json and a tokenizer) with random weights: "
+                             "same shapes, same timings, for machines that lack the weights file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = random_model(args.model, args.device, args.dtype) if args.random_weights else \
+        load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok, device = lm.model, lm.tokenizer, lm.device
     d = describe(model)
     last = d.num_layers - 3
@@ -84,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_s = timed(generate, args.gen_repeats, device)
     print(f"\n{args.new_tokens}-token greedy generation: {gen_s * 1e3:8.1f} ms")
 
-    swapper = WeightSwapper(model, svd_cache=SvdCache(lm.fingerprint))
+    swapper = WeightSwapper(model, svd_cache=SvdCache(lm.fingerprint, device=device), cache_device=device)
     profiles = {
         "one matrix (fc_in, layer %d)" % last: [{"target": "fc_in", "layer": last, "rank_fraction": args.rho}],
         "MLP of the last 5 layers": [{"target": "mlp", "layer": "-5:", "rank_fraction": args.rho}],
@@ -112,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, target, layer in (("one matrix (fc_in, layer %d)" % last, "fc_in", last),
                                 ("MLP of the last 5 layers", "mlp", "-5:")):
         ranks = iter(range(2, 10_000))  # rank 1 is the warm-up, already materialised
-        warm = WeightSwapper(model, svd_cache=SvdCache(lm.fingerprint))
+        warm = WeightSwapper(model, svd_cache=SvdCache(lm.fingerprint, device=device), cache_device=device)
         warm.apply([{"target": target, "layer": layer, "rank": 1}])
         warm.revert()
         cached_stats, fresh_stats = [], []
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             cached_stats.append(warm.apply([{"target": target, "layer": layer, "rank": next(ranks)}]))
 
         def decompose_again(target=target, layer=layer) -> None:
-            cold = WeightSwapper(model, svd_cache=SvdCache(lm.fingerprint))
+            cold = WeightSwapper(model, svd_cache=SvdCache(lm.fingerprint, device=device), cache_device=device)
             fresh_stats.append(cold.apply([{"target": target, "layer": layer, "rank": 2}]))
             cold.revert()
 

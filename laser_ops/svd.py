@@ -73,8 +73,9 @@ def decompose(
     rank: int | None = None,
     niter: int = 2,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> Decomposition:
-    """SVD of a logical matrix, computed on the matrix's device in ``precision``, returned on CPU.
+    """SVD of a logical matrix, computed on the matrix's device in ``precision``, kept on ``device``.
 
     ``randomized`` uses :func:`torch.svd_lowrank` for the top ``rank`` components (plus
     oversampling) and is only valid for reconstructions of rank <= ``rank``.
@@ -92,7 +93,7 @@ def decompose(
             U, S, V = torch.svd_lowrank(a, q=q, niter=niter)
         U, S, Vh = U[:, :rank], S[:rank], V[:, :rank].t()
         complete = False
-    return Decomposition(U.cpu().contiguous(), S.cpu().contiguous(), Vh.cpu().contiguous(), (m, n), complete)
+    return Decomposition(*(t.to(device).contiguous() for t in (U, S, Vh)), (m, n), complete)
 
 
 class SvdCache:
@@ -110,10 +111,12 @@ class SvdCache:
         disk_dir: str | os.PathLike[str] | None = None,
         max_disk_bytes: int = 8 << 30,
         precision: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.fingerprint = fingerprint
         self.max_bytes = max_bytes
         self.precision = precision
+        self.device = torch.device(device)  # where factors live: the model's GPU makes reconstructions cheap
         self.disk_dir = Path(disk_dir) / fingerprint if disk_dir else None
         self.max_disk_bytes = max_disk_bytes
         self._mem: OrderedDict[str, Decomposition] = OrderedDict()
@@ -143,7 +146,7 @@ class SvdCache:
         dec = self._load(key)
         if dec is None or not self._fits(dec, min_rank, complete):
             method: SvdMethod = "exact" if complete or min_rank is None else "randomized"
-            dec = decompose(matrix, method=method, precision=self.precision, rank=min_rank)
+            dec = decompose(matrix, method=method, precision=self.precision, rank=min_rank, device=self.device)
             self.computed += 1
             self._store(key, dec)
         else:
@@ -178,7 +181,8 @@ class SvdCache:
         try:
             t = load_file(str(path))
             shape = (int(t["shape"][0]), int(t["shape"][1]))
-            return Decomposition(t["U"], t["S"], t["Vh"], shape, bool(t["complete"].item()))
+            U, S, Vh = (t[k].to(self.device) for k in ("U", "S", "Vh"))
+            return Decomposition(U, S, Vh, shape, bool(t["complete"].item()))
         except Exception:  # a torn or foreign file is a cache miss, never an error
             logger.warning("ignoring unreadable SVD cache file %s", path, exc_info=True)
             return None
@@ -190,7 +194,7 @@ class SvdCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         save_file(
-            {"U": dec.U, "S": dec.S, "Vh": dec.Vh, "shape": torch.tensor(dec.shape),
+            {"U": dec.U.cpu(), "S": dec.S.cpu(), "Vh": dec.Vh.cpu(), "shape": torch.tensor(dec.shape),
              "complete": torch.tensor(dec.complete)},
             str(tmp), metadata={"key": key, "fingerprint": self.fingerprint},
         )

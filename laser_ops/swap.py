@@ -142,9 +142,11 @@ class WeightSwapper:
 
     def _materialize_param(self, name: str, edits: list[MatrixEdit], prepared: _Prepared, report: bool) -> torch.Tensor:
         param = self._params[name]
-        full = (self._originals[name] if name in self.applied else param.detach()).to(torch.float32, copy=True)
+        # Work where the model lives (a GPU decomposes and reconstructs far faster than the CPU copy would).
+        source = self._originals[name] if name in self.applied else param.detach()
+        full = source.to(param.device, torch.float32, copy=True)
         for edit in edits:
-            w = self.original_matrix(edit.ref).to(torch.float32)
+            w = self.original_matrix(edit.ref).to(param.device, torch.float32)
             kind = edit_kind(edit.spec.kind)
 
             def provider(min_rank: int | None, complete: bool, _ref: TargetRef = edit.ref, _w: torch.Tensor = w):

@@ -62,9 +62,11 @@ def build_services(settings: Settings, metrics: Metrics, loaded: LoadedModel | N
     targets = ModelTargets.of(loaded.model)
     svd_dir = settings.data_dir / "svd" if settings.svd_disk_cache_bytes > 0 else None
     svd_cache = SvdCache(loaded.fingerprint, max_bytes=settings.svd_cache_bytes, disk_dir=svd_dir,
-                         max_disk_bytes=settings.svd_disk_cache_bytes)
+                         max_disk_bytes=settings.svd_disk_cache_bytes, device=loaded.device)
+    # Factors and edited tensors live beside the model (on a GPU a cached switch is a device-to-device copy);
+    # the originals stay on CPU (WeightSwapper), so revert never depends on device memory.
     swapper = WeightSwapper(loaded.model, svd_cache=svd_cache, max_cache_bytes=settings.edit_cache_bytes,
-                            targets=targets)
+                            targets=targets, cache_device=loaded.device)
     scorer = HFScorer(loaded.model, loaded.tokenizer, batch_size=settings.max_batch_size)
     db = Database(settings.db_path)
     profiles = ProfileStore(db)
