@@ -88,6 +88,7 @@ class Engine:
         *,
         max_queue: int = 256,
         max_batch_size: int = 16,
+        batch_wait_s: float = 0.02,
     ) -> None:
         self.swapper = swapper
         self.scorer = scorer
@@ -95,6 +96,12 @@ class Engine:
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size
+        #: Longest a batch waits for more requests of its lane, while fewer are queued than recent batches had
+        #: (closed-loop clients resubmit a few ms after their batch ends; without the wait, batches fragment).
+        self.batch_wait_s = batch_wait_s
+        #: Requests still arriving less than this apart (a burst) are gathered into one batch.
+        self.batch_quiet_s = min(0.004, batch_wait_s)
+        self._last_batch_size = 1
         self.active_profile: str | None = "base"
         self._lanes: dict[str | None, deque[_Item]] = {}
         self._pending = 0
@@ -249,6 +256,34 @@ class Engine:
         self.metrics.queue_depth.set(self._pending)
         return batch
 
+    def _oldest_lane(self) -> deque[_Item]:
+        return self._lanes[min(self._lanes, key=lambda p: self._lanes[p][0].enqueued)]
+
+    def _gather_batch(self) -> None:
+        """With the lock held: wait up to ``batch_wait_s`` for a fuller batch.
+
+        It waits while fewer requests are queued than recent batches held, or while requests are still
+        arriving (a burst: gaps under ``batch_quiet_s``). A lone request waits ``batch_quiet_s`` at most.
+        """
+        deadline = time.perf_counter() + self.batch_wait_s
+        while not self._stopping and self._lanes:
+            lane = self._oldest_lane()
+            op = lane[0].op
+            if op not in _BATCHED:
+                return
+            queued = sum(i.size for i in lane if i.op == op)
+            now = time.perf_counter()
+            remaining = deadline - now
+            if queued >= self.max_batch_size or remaining <= 0:
+                return
+            if queued < self._last_batch_size:  # recent batches were bigger: more requests are on their way
+                self._cond.wait(remaining)
+                continue
+            quiet = now - lane[-1].enqueued
+            if quiet >= self.batch_quiet_s:  # nothing arrived lately: go with what is queued
+                return
+            self._cond.wait(min(remaining, self.batch_quiet_s - quiet))
+
     def _run_forever(self) -> None:
         while True:
             with self._cond:
@@ -256,7 +291,12 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
+                self._gather_batch()
+                if self._stopping:
+                    return
                 batch = self._take_batch()
+                # Peak with slow decay: one fragmented batch must not lower the expectation for the next.
+                self._last_batch_size = max(sum(i.size for i in batch), int(self._last_batch_size * 0.9))
             try:
                 self._run_batch(batch)
             except BaseException as exc:  # never let the owner thread die

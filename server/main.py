@@ -8,21 +8,25 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import laser_ops
 from laser_ops.loading import LoadedModel
 from server.config import Settings
 from server.errors import error_body, install_error_handlers
 from server.metrics import Metrics
-from server.routes import inference, openai, profiles, system
+from server.routes import datasets, exports, inference, jobs, openai, profiles, system
+from server.serving import datasets as datasets_serving
+from server.serving import jobs as jobs_serving
 from server.state import build_services
 
 logger = logging.getLogger(__name__)
 
-ROUTERS = [system.router, profiles.router, inference.router, openai.router]
+ROUTERS = [system.router, profiles.router, inference.router, openai.router, datasets.router, jobs.router,
+           exports.router]
 
 
 def _include_feature_routers(app: FastAPI) -> None:
@@ -31,27 +35,71 @@ def _include_feature_routers(app: FastAPI) -> None:
         app.include_router(router)
 
 
-class RequestMetricsMiddleware(BaseHTTPMiddleware):
-    """Counts requests by route template, status and profile; times them end to end; caps body size."""
+class _BodyTooLarge(BaseException):
+    """Raised from ``receive`` (BaseException: body parsers must not turn it into a 400)."""
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        settings: Settings = request.app.state.settings
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            from fastapi.responses import JSONResponse
 
-            return JSONResponse(error_body(f"request body of {length} bytes exceeds max_body_bytes "
-                                           f"({settings.max_body_bytes})"), 413)
+class RequestMetricsMiddleware:
+    """Counts requests by route template, status and profile; times them end to end; caps body size.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``): it passes ``receive`` through untouched, so
+    ``request.is_disconnected()`` works in routes, and the end-to-end time covers streamed bodies.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        app_state = scope["app"].state
+        settings: Settings = app_state.settings
+        limit = settings.max_body_bytes
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            app_state.metrics.requests.labels("unmatched", scope["method"], "413", "").inc()
+            await self._too_large(scope, receive, send, f"request body of {int(length)} bytes exceeds "
+                                                       f"max_body_bytes ({limit})")
+            return
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        profile = getattr(request.state, "profile", "")
-        m: Metrics = request.app.state.metrics
-        m.requests.labels(template, request.method, str(response.status_code), profile).inc()
-        if template not in ("/metrics", "/health", "/ready"):
-            m.request_seconds.labels(template, profile).observe(time.perf_counter() - start)
-        return response
+        status = [500]
+        started = [False]
+        received = [0]
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                started[0] = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if started[0]:
+                raise
+            status[0] = 413
+            await self._too_large(scope, receive, send, f"request body exceeds max_body_bytes ({limit})")
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            profile = scope.get("state", {}).get("profile", "")
+            m: Metrics = app_state.metrics
+            m.requests.labels(template, scope["method"], str(status[0]), profile).inc()
+            if template not in ("/metrics", "/health", "/ready"):
+                m.request_seconds.labels(template, profile).observe(time.perf_counter() - start)
+
+    @staticmethod
+    async def _too_large(scope: Scope, receive: Receive, send: Send, message: str) -> None:
+        await JSONResponse(error_body(message), 413)(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None,
@@ -105,8 +153,8 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.state.metrics = metrics
     app.state.services = None
     app.state.startup_error = None
-    app.state.startup_hooks = []
-    app.state.shutdown_hooks = []
+    app.state.startup_hooks = [datasets_serving.startup, jobs_serving.startup]
+    app.state.shutdown_hooks = [jobs_serving.shutdown]
     app.add_middleware(RequestMetricsMiddleware)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -1,5 +1,56 @@
-"""Routes: inference (being written)."""
+"""Routes: native inference per profile (generate, score) and the A/B compare endpoint."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from server.deps import ServicesDep
+from server.protocol.inference import (
+    CompareRequest,
+    CompareResponse,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStreamEvent,
+    ScoreRequest,
+    ScoreResponse,
+)
+from server.security import InferenceAuth
+from server.serving import inference as serving
+
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[InferenceAuth])
+
+_ERRORS = {
+    401: {"description": "Missing or invalid API key."},
+    404: {"description": "Unknown profile."},
+    413: {"description": "Prompt longer than max_prompt_tokens."},
+    422: {"description": "Invalid request; the error names the field."},
+    429: {"description": "Queue full; retry after the Retry-After header's seconds."},
+}
+_EVENT_SCHEMA = GenerateStreamEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+_EVENT_SCHEMA.pop("$defs", None)  # GenerateUsage is already a component (GenerateResponse uses it)
+_STREAM = {"text/event-stream": {"schema": _EVENT_SCHEMA,
+                                 "description": "With stream=true: 'data: {GenerateStreamEvent}' per delta, "
+                                                "then 'data: [DONE]'."}}
+
+
+@router.post("/generate", response_model=GenerateResponse, responses={200: {"content": _STREAM}, **_ERRORS})
+async def generate(body: GenerateRequest, request: Request, services: ServicesDep) -> GenerateResponse | StreamingResponse:
+    """Generate from one or several prompts with a profile; stream=true answers Server-Sent Events."""
+    if body.stream:
+        events = await serving.generate_stream(services, request, body)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await serving.generate(services, request, body)
+
+
+@router.post("/score", response_model=ScoreResponse, responses=_ERRORS)
+async def score(body: ScoreRequest, request: Request, services: ServicesDep) -> ScoreResponse:
+    """Log-prob of each continuation given a context (with argmax), or the perplexity of a text."""
+    return await serving.score(services, request, body)
+
+
+@router.post("/compare", response_model=CompareResponse, responses=_ERRORS)
+async def compare(body: CompareRequest, request: Request, services: ServicesDep) -> CompareResponse:
+    """Run one generate or score request on several profiles and answer side by side with a diff."""
+    return await serving.compare(services, request, body)

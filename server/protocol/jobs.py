@@ -1,0 +1,146 @@
+"""Protocol models of the sweep job routes (``/v1/jobs``): create, list, read, events, cancel, promote."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from laser_ops.sweeps import SweepConfig
+from server.protocol.datasets import DATASET_NAME_PATTERN
+from server.protocol.profiles import ProfileName
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class SweepJobCreate(SweepConfig):
+    """Body of ``POST /v1/jobs/sweeps``: a sweep config (see laser_ops.sweeps.SweepConfig) and its dataset."""
+
+    dataset: str = Field(..., pattern=DATASET_NAME_PATTERN, max_length=64, description=(  # type: ignore[assignment]
+        "Name of an uploaded or built-in dataset (epistemic_reasoning, qa_wikidata)."),
+        examples=["epistemic_reasoning"])
+
+
+class Accuracy(BaseModel):
+    """An accuracy with its 95% Wilson interval."""
+
+    accuracy: float = Field(..., description="Fraction correct.")
+    ci_low: float = Field(..., description="95% Wilson interval, lower end.")
+    ci_high: float = Field(..., description="95% Wilson interval, upper end.")
+    n_correct: int = Field(..., description="Examples right.")
+    n: int = Field(..., description="Examples scored.")
+    log_loss: float | None = Field(None, description="Mean -log P(gold answer).")
+
+
+class SweepRowPublic(BaseModel):
+    """One finished step of the per-config table (validation split)."""
+
+    key: str = Field(..., description="Step key, e.g. 'laser:fc_in:28:0.01' or 'base'.")
+    step: int = Field(..., description="Order in which the step finished.")
+    role: Literal["base", "config", "spectrum", "test"] = Field(..., description="What the step did.")
+    type: str | None = Field(None, description="LASER type of the (last) edit.")
+    layer: int | None = Field(None, description="Layer of the (last) edit.")
+    rho: float | None = Field(None, description="Rank fraction of the (last) edit.")
+    interventions: list[dict[str, Any]] = Field(default_factory=list, description="The profile evaluated.")
+    validation: Accuracy | None = Field(None, description="Validation accuracy with its 95% CI and log-loss.")
+    delta_accuracy: float | None = Field(None, description="Validation accuracy minus base's.")
+    delta_log_loss: float | None = Field(None, description="Validation log-loss minus base's.")
+    val_perplexity: float | None = Field(None, description="Perplexity guard value (when configured).")
+    rejected: str | None = Field(None, description="Why this config cannot win (perplexity guard).")
+    kept: bool | None = Field(None, description="greedy_compose: the edit was kept.")
+    seconds: float = Field(0.0, description="Seconds the step took.")
+
+
+class McNemar(BaseModel):
+    """Exact McNemar test of the winner against base on the test split (paired)."""
+
+    only_base: int = Field(..., description="Test examples base gets right and the winner wrong.")
+    only_winner: int = Field(..., description="Test examples the winner gets right and base wrong.")
+    p_value: float = Field(..., description="Two-sided exact p-value.")
+    alpha: float = Field(..., description="Significance level.")
+    significant: bool = Field(..., description="p < alpha.")
+
+
+class TestReportPublic(BaseModel):
+    """Base vs the validation winner on the held-out test split."""
+
+    __test__ = False
+
+    winner_key: str = Field(..., description="Key of the winning config ('base' if nothing beat it).")
+    interventions: list[dict[str, Any]] = Field(..., description="The winner's edits.")
+    base: Accuracy = Field(..., description="Base model on test.")
+    winner: Accuracy = Field(..., description="Winner on test.")
+    delta_accuracy: float = Field(..., description="Winner minus base test accuracy.")
+    mcnemar: McNemar = Field(..., description="Paired exact McNemar test.")
+    significant: bool = Field(..., description="True only for a gain significant at alpha.")
+    verdict: str = Field(..., description="Plain words, e.g. 'the gain is not significant (p=0.41)'.")
+
+
+class JobProgress(BaseModel):
+    """Progress of a job (also the payload of its SSE events)."""
+
+    type: Literal["progress", "state"] = Field("progress", description="'progress' per step; 'state' when the "
+                                                                       "job changes state (the last event).")
+    id: str = Field(..., description="Job id.")
+    state: JobState = Field(..., description="queued, running, succeeded, failed or cancelled.")
+    done: int = Field(..., description="Steps finished (base, configs, test).")
+    total: int | None = Field(None, description="Steps planned.")
+    progress: float | None = Field(None, description="done / total.")
+    elapsed_s: float = Field(0.0, description="Seconds the job has run (all sessions).")
+    eta_s: float | None = Field(None, description="Estimated seconds left (from this session's step times).")
+    best: SweepRowPublic | None = Field(None, description="Best config so far on validation.")
+    last: SweepRowPublic | None = Field(None, description="The step that just finished.")
+    error: str | None = Field(None, description="Why the job failed.")
+
+
+class JobSummary(BaseModel):
+    """A job in listings."""
+
+    id: str = Field(..., description="Job id.")
+    kind: Literal["sweep"] = Field("sweep", description="Job kind.")
+    state: JobState = Field(..., description="queued, running, succeeded, failed or cancelled.")
+    dataset: str = Field(..., description="Dataset name.")
+    done: int = Field(..., description="Steps finished.")
+    total: int | None = Field(None, description="Steps planned.")
+    created_at: float = Field(..., description="Unix time of submission.")
+    started_at: float | None = Field(None, description="Unix time it first started.")
+    finished_at: float | None = Field(None, description="Unix time it ended.")
+    error: str | None = Field(None, description="Why it failed.")
+
+
+class JobPublic(JobSummary):
+    """A sweep job: state, progress, the per-config table and, when finished, the test report."""
+
+    config: dict[str, Any] = Field(..., description="The sweep config as submitted.")
+    progress: float | None = Field(None, description="done / total.")
+    elapsed_s: float = Field(0.0, description="Seconds of running (all sessions).")
+    eta_s: float | None = Field(None, description="Estimated seconds left while running.")
+    stopped: str | None = Field(None, description="Why the search ended: completed, max_configs, time_limit, "
+                                                  "cancelled.")
+    n_validation: int | None = Field(None, description="Validation examples.")
+    n_test: int | None = Field(None, description="Test examples.")
+    base: SweepRowPublic | None = Field(None, description="The base model on validation.")
+    best: SweepRowPublic | None = Field(None, description="Best config so far (the winner once finished).")
+    beats_base_on_validation: bool | None = Field(None, description="The best config's validation accuracy is "
+                                                                    "above base's.")
+    rows: list[SweepRowPublic] = Field(..., description="Every finished step, in order.")
+    test: TestReportPublic | None = Field(None, description="Base vs winner on the test split, when finished.")
+    verdict: str | None = Field(None, description="Plain-words conclusion of the job.")
+
+
+class JobList(BaseModel):
+    """Jobs, newest first."""
+
+    data: list[JobSummary] = Field(..., description="Jobs.")
+
+
+class PromoteRequest(BaseModel):
+    """Body of ``POST /v1/jobs/{id}/promote``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ProfileName
+    description: str | None = Field(None, max_length=2000, description="Profile description (default: the "
+                                                                        "job, config and accuracies).")
+    replace: bool = Field(False, description="Replace an existing profile of that name instead of 409.")

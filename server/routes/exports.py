@@ -1,0 +1,62 @@
+"""Routes: export a profile as a Hugging Face folder on the server, list exports, download their files.
+
+Every route needs the admin key: an export is the whole model's weights. Downloads go file by file
+(``FileResponse``: Content-Length, HTTP ranges, resumable, verifiable against the listing's SHA-256).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import FileResponse
+
+from server.deps import ServicesDep
+from server.protocol.exports import EXPORT_NAME_PATTERN, ExportCreate, ExportDeleted, ExportList, ExportPublic
+from server.protocol.profiles import PROFILE_NAME_PATTERN
+from server.security import AdminAuth
+from server.serving import exports as serving
+
+router = APIRouter(tags=["exports"], dependencies=[AdminAuth])
+
+ProfilePath = Annotated[str, Path(pattern=PROFILE_NAME_PATTERN, max_length=64, description="Profile name.")]
+ExportPath = Annotated[str, Path(pattern=EXPORT_NAME_PATTERN, max_length=80, description="Export name.")]
+_ERRORS = {401: {"description": "Missing or invalid API key."}, 403: {"description": "Key lacks the admin scope."}}
+_NOT_FOUND = {404: {"description": "Unknown export (or file)."}}
+
+
+@router.post("/v1/profiles/{name}/export", status_code=201, response_model=ExportPublic,
+             responses={404: {"description": "Unknown profile."},
+                        409: {"description": "The export exists; send overwrite=true."},
+                        422: {"description": "The profile cannot be applied to this model."}, **_ERRORS})
+async def export_profile(name: ProfilePath, request: Request, services: ServicesDep,
+                         body: ExportCreate | None = None) -> ExportPublic:
+    """Write the profile as a Hugging Face folder (dense or factored) under the server's exports."""
+    request.state.profile = name
+    return await serving.export_profile(services, name, body or ExportCreate())
+
+
+@router.get("/v1/exports", response_model=ExportList, responses=_ERRORS)
+async def list_exports(services: ServicesDep) -> ExportList:
+    """List exports by name."""
+    return serving.list_exports(services)
+
+
+@router.get("/v1/exports/{name}", response_model=ExportPublic, responses={**_NOT_FOUND, **_ERRORS})
+async def get_export(name: ExportPath, services: ServicesDep) -> ExportPublic:
+    """One export: files (size, SHA-256, download URL) and the per-matrix report."""
+    return serving.get_export(services, name)
+
+
+@router.get("/v1/exports/{name}/files/{file:path}", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, **_NOT_FOUND, **_ERRORS})
+async def download_file(name: ExportPath, file: str, services: ServicesDep) -> FileResponse:
+    """Download one file of an export (only names the export itself lists)."""
+    path = serving.file_path(services, name, file)
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+
+@router.delete("/v1/exports/{name}", response_model=ExportDeleted, responses={**_NOT_FOUND, **_ERRORS})
+async def delete_export(name: ExportPath, services: ServicesDep) -> ExportDeleted:
+    """Delete an export and its files."""
+    return await serving.delete_export(services, name)

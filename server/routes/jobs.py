@@ -1,0 +1,77 @@
+"""Routes: background validation-sweep jobs (admin key to start, cancel or promote; inference key to read)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from server.deps import ServicesDep
+from server.protocol.jobs import JobList, JobProgress, JobPublic, JobState, PromoteRequest, SweepJobCreate
+from server.protocol.profiles import ProfilePublic
+from server.security import AdminAuth, InferenceAuth
+from server.serving import jobs as serving
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobPath = Annotated[str, Path(max_length=64, description="Job id.")]
+_ERRORS = {401: {"description": "Missing or invalid API key."}, 403: {"description": "Key lacks the admin scope."}}
+_NOT_FOUND = {404: {"description": "Unknown job."}}
+_EVENT_SCHEMA = JobProgress.model_json_schema(ref_template="#/components/schemas/{model}")
+_EVENT_SCHEMA.pop("$defs", None)
+
+
+@router.post("/sweeps", status_code=202, response_model=JobPublic, dependencies=[AdminAuth],
+             responses={404: {"description": "Unknown dataset."},
+                        422: {"description": "Invalid grid or config; the error names the field and the allowed "
+                                             "range."}, **_ERRORS})
+async def create_sweep(body: SweepJobCreate, services: ServicesDep) -> JobPublic:
+    """Queue a validation sweep over (type, layer, rho); answers 202 with the job."""
+    return await serving.create_sweep(services, body)
+
+
+@router.get("", response_model=JobList, dependencies=[InferenceAuth])
+async def list_jobs(services: ServicesDep, state: Annotated[JobState | None, Query()] = None) -> JobList:
+    """List jobs, newest first (optionally one state)."""
+    return serving.list_jobs(services, state)
+
+
+@router.get("/{job_id}", response_model=JobPublic, dependencies=[InferenceAuth], responses=_NOT_FOUND)
+async def get_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
+    """A job: state, done/total, ETA, best so far, the per-config table and the test report."""
+    return serving.get_job(services, job_id)
+
+
+@router.get("/{job_id}/events", dependencies=[InferenceAuth],
+            responses={200: {"content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}, **_NOT_FOUND})
+async def job_events(job_id: JobPath, request: Request, services: ServicesDep) -> StreamingResponse:
+    """Server-Sent Events: 'progress' per finished step, then a 'state' event when the job ends."""
+    stream = await serving.events(services, job_id, request.is_disconnected)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.delete("/{job_id}", response_model=JobPublic, dependencies=[AdminAuth],
+               responses={409: {"description": "Already finished."}, **_NOT_FOUND, **_ERRORS})
+async def cancel_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
+    """Cancel a queued or running job (between steps; finished rows are kept)."""
+    return serving.cancel_job(services, job_id)
+
+
+@router.post("/{job_id}/promote", status_code=201, response_model=ProfilePublic, dependencies=[AdminAuth],
+             responses={409: {"description": "No winner, job not finished, or the profile name exists."},
+                        **_NOT_FOUND, **_ERRORS})
+async def promote(job_id: JobPath, body: PromoteRequest, request: Request, services: ServicesDep) -> ProfilePublic:
+    """Store the job's best config as a profile, servable at once."""
+    profile = serving.promote(services, job_id, body)
+    request.state.profile = profile.name
+    return profile
+
+
+@router.get("/{job_id}/plot.png", dependencies=[InferenceAuth], response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, 409: {"description": "Nothing to plot yet."},
+                       **_NOT_FOUND})
+async def plot(job_id: JobPath, services: ServicesDep) -> Response:
+    """Heatmap of validation accuracy over layer x rho per type, base marked (the paper's Figure 2)."""
+    return Response(await serving.plot_png(services, job_id), media_type="image/png")

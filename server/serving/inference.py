@@ -1,0 +1,252 @@
+"""Native inference logic: generate (plain or streamed), score (log-probs or perplexity), compare (A/B).
+
+Everything heavy runs on the engine's owner thread; this module only tokenizes, checks limits, submits
+and shapes answers. Expected failures raise :class:`ApiError` naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from laser_ops.scoring import GenerationResult, LoglikelihoodResult, RollingResult
+from server.errors import ApiError
+from server.protocol.inference import (
+    DEFAULT_MAX_NEW_TOKENS,
+    CompareDiff,
+    CompareRequest,
+    CompareResponse,
+    ContinuationScore,
+    GenerateChoice,
+    GenerateDiff,
+    GenerateParams,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStreamEvent,
+    PerplexityScore,
+    ScoreDiff,
+    ScoreParams,
+    ScoreRequest,
+    ScoreResponse,
+    StreamError,
+    TextDiff,
+    GenerateUsage,
+)
+from server.serving.common import check_new_tokens, check_prompt_tokens, resolve_profile
+from server.state import Services
+
+T = TypeVar("T")
+Disconnected = Callable[[], Awaitable[bool]] | None
+Loc = tuple[str | int, ...]
+
+#: Characters per token no tokenizer exceeds in practice: longer texts are refused before tokenizing.
+_MAX_CHARS_PER_TOKEN = 32
+
+
+def _encode(services: Services, text: str, loc: Loc) -> list[int]:
+    """Token ids of a prompt, refusing oversize prompts (cheap length check first, then the real count)."""
+    limit = services.settings.max_prompt_tokens
+    if len(text) > limit * _MAX_CHARS_PER_TOKEN:
+        raise ApiError(413, f"prompt of {len(text)} characters is far over the {limit}-token limit "
+                            "(max_prompt_tokens)", loc)
+    ids = services.scorer.encode(text)
+    check_prompt_tokens(services, len(ids), loc)
+    return ids
+
+
+def _check_positions(services: Services, n_prompt: int, max_new: int, loc: Loc) -> None:
+    limit = services.scorer.max_positions
+    if limit is not None and n_prompt + max_new > limit:
+        raise ApiError(422, f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+                            f"{limit} positions", loc)
+
+
+def _admit(services: Services, size: int) -> None:
+    """429 before a stream starts (afterwards the status is already sent)."""
+    services.engine.check_capacity(size)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+def _generation_requests(services: Services, params: GenerateParams, loc: Loc) -> list[Any]:
+    limit = services.settings.max_new_tokens
+    max_new = min(DEFAULT_MAX_NEW_TOKENS, limit) if params.max_new_tokens is None else params.max_new_tokens
+    check_new_tokens(services, max_new, (*loc, "max_new_tokens"))
+    requests = []
+    field = "prompt" if params.prompt is not None else "prompts"
+    for i, text in enumerate(params.prompt_list):
+        where = (*loc, field) if field == "prompt" else (*loc, field, i)
+        ids = _encode(services, text, where)
+        _check_positions(services, len(ids), max_new, where)
+        requests.append(params.to_generation_request(ids, max_new))
+    return requests
+
+
+def _usage(results: list[GenerationResult]) -> GenerateUsage:
+    p = sum(r.n_prompt_tokens for r in results)
+    c = sum(len(r.token_ids) for r in results)
+    return GenerateUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def _generate_response(profile: str, results: list[GenerationResult]) -> GenerateResponse:
+    choices = [GenerateChoice(index=i, text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.n_prompt_tokens,
+                              completion_tokens=len(r.token_ids)) for i, r in enumerate(results)]
+    return GenerateResponse(profile=profile, choices=choices, usage=_usage(results))
+
+
+async def _run_generate(services: Services, profile: str, params: GenerateParams, loc: Loc,
+                        is_disconnected: Disconnected) -> GenerateResponse:
+    requests = _generation_requests(services, params, loc)
+    results = await services.engine.generate(profile, requests, is_disconnected=is_disconnected)
+    return _generate_response(profile, results)
+
+
+async def generate(services: Services, request: Request, body: GenerateRequest) -> GenerateResponse:
+    profile = resolve_profile(services, request, body.profile)
+    return await _run_generate(services, profile, body, ("body",), request.is_disconnected)
+
+
+def _sse(payload: Any) -> str:
+    data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def generate_stream(services: Services, request: Request, body: GenerateRequest) -> AsyncIterator[str]:
+    """Validate now (errors keep their 4xx status), then return the SSE event iterator.
+
+    Events: ``data: {profile, text}`` per delta, a final one with finish_reason and usage, then
+    ``data: [DONE]``. Closing the iterator (client gone) cancels the request on the engine.
+    """
+    profile = resolve_profile(services, request, body.profile)
+    [req] = _generation_requests(services, body, ("body",))
+    _admit(services, 1)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async with aclosing(services.engine.generate_stream(profile, req)) as stream:
+                async for item in stream:
+                    if isinstance(item, str):
+                        yield _sse(GenerateStreamEvent(profile=profile, text=item))
+                    else:
+                        yield _sse(GenerateStreamEvent(profile=profile, finish_reason=item.finish_reason,
+                                                       usage=_usage([item])))
+        except ApiError as e:
+            yield _sse(StreamError(error=e.message))
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
+            yield _sse(StreamError(error=f"{type(e).__name__}: {e}"))
+        yield "data: [DONE]\n\n"
+
+    return events()
+
+
+# ---------------------------------------------------------------------------------------------- score
+
+
+def _continuation_scores(params: ScoreParams, results: list[LoglikelihoodResult]) -> tuple[list[ContinuationScore], int]:
+    scores = [ContinuationScore(continuation=c, logprob=r.logprob, n_tokens=r.n_tokens, is_greedy=r.is_greedy,
+                                mean_logprob=r.logprob / r.n_tokens if r.n_tokens else None)
+              for c, r in zip(params.continuations or [], results, strict=True)]
+    keys = [r.logprob / max(r.n_tokens, 1) if params.normalize else r.logprob for r in results]
+    best = max(range(len(keys)), key=lambda i: (keys[i], -i))
+    return scores, best
+
+
+async def _run_score(services: Services, profile: str, params: ScoreParams, loc: Loc,
+                     is_disconnected: Disconnected) -> ScoreResponse:
+    engine, scorer = services.engine, services.scorer
+    if params.text is not None:
+        limit = services.settings.max_prompt_tokens
+        if len(params.text) > limit * _MAX_CHARS_PER_TOKEN:
+            raise ApiError(413, f"text is far over the {limit}-token limit (max_prompt_tokens)", (*loc, "text"))
+        check_prompt_tokens(services, len(scorer.encode(params.text)), (*loc, "text"))
+        [rolled] = await engine.rolling(profile, [params.text], is_disconnected=is_disconnected)
+        assert isinstance(rolled, RollingResult)
+        ppl = PerplexityScore(logprob=rolled.logprob, n_tokens=rolled.n_tokens,
+                              perplexity=rolled.perplexity if rolled.n_tokens else None)
+        return ScoreResponse(profile=profile, perplexity=ppl)
+    context = params.context or ""
+    _encode(services, context, (*loc, "context"))  # size checks before the pairs are built
+    pairs = []
+    for i, cont in enumerate(params.continuations or []):
+        ctx_ids, cont_ids = scorer.encode_pair(context, cont)
+        check_prompt_tokens(services, len(ctx_ids) + len(cont_ids), (*loc, "continuations", i))
+        pairs.append((ctx_ids, cont_ids))
+    results = await engine.loglikelihood(profile, pairs, is_disconnected=is_disconnected)
+    scores, best = _continuation_scores(params, results)
+    return ScoreResponse(profile=profile, continuations=scores, argmax=best)
+
+
+async def score(services: Services, request: Request, body: ScoreRequest) -> ScoreResponse:
+    profile = resolve_profile(services, request, body.profile)
+    return await _run_score(services, profile, body, ("body",), request.is_disconnected)
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+async def _gather(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently; the first failure cancels the rest and is raised as itself."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+
+
+def _first_difference(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _generate_diff(profiles: list[str], answers: list[GenerateResponse]) -> list[GenerateDiff]:
+    ref = answers[0]
+    out = []
+    for name, ans in zip(profiles[1:], answers[1:], strict=True):
+        changed = [TextDiff(index=i, reference=r.text, text=c.text, first_difference=_first_difference(r.text, c.text))
+                   for i, (r, c) in enumerate(zip(ref.choices, ans.choices, strict=True)) if r.text != c.text]
+        out.append(GenerateDiff(profile=name, changed=changed))
+    return out
+
+
+def _score_diff(profiles: list[str], answers: list[ScoreResponse]) -> list[ScoreDiff]:
+    ref = answers[0]
+    out = []
+    for name, ans in zip(profiles[1:], answers[1:], strict=True):
+        if ref.perplexity is not None and ans.perplexity is not None:
+            a, b = ans.perplexity.perplexity, ref.perplexity.perplexity
+            out.append(ScoreDiff(profile=name, perplexity_delta=a - b if a is not None and b is not None else None))
+            continue
+        deltas = [c.logprob - r.logprob for r, c in zip(ref.continuations or [], ans.continuations or [], strict=True)]
+        out.append(ScoreDiff(profile=name, logprob_deltas=deltas, argmax=ans.argmax,
+                             argmax_changed=ans.argmax != ref.argmax))
+    return out
+
+
+async def compare(services: Services, request: Request, body: CompareRequest) -> CompareResponse:
+    profiles = [resolve_profile(services, request, p, loc=("body", "profiles", i)) for i, p in enumerate(body.profiles)]
+    request.state.profile = "*"  # spans several profiles; the engine's own metrics carry each one
+    disconnected = request.is_disconnected
+    if body.generate is not None:
+        params = body.generate
+        gens = await _gather([_run_generate(services, p, params, ("body", "generate"), disconnected)
+                              for p in profiles])
+        gdiff = _generate_diff(profiles, gens)
+        return CompareResponse(profiles=profiles, generate=gens, diff=CompareDiff(
+            reference=profiles[0], generate=gdiff, any_changed=any(d.changed for d in gdiff)))
+    assert body.score is not None
+    scores = await _gather([_run_score(services, p, body.score, ("body", "score"), disconnected) for p in profiles])
+    sdiff = _score_diff(profiles, scores)
+    changed = any(d.argmax_changed or any(x != 0 for x in d.logprob_deltas or []) or (d.perplexity_delta or 0) != 0
+                  for d in sdiff)
+    return CompareResponse(profiles=profiles, score=scores, diff=CompareDiff(
+        reference=profiles[0], score=sdiff, any_changed=changed))

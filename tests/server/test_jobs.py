@@ -1,0 +1,374 @@
+"""Sweep job routes over real HTTP: equality with library scoring, cancel, resume after restart, promote,
+plot, SSE events, grid validation, and inference being served while a sweep runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from laser_ops.datasets import parse_jsonl, stratified_split
+from laser_ops.evaluation import evaluate_generation, evaluate_multiple_choice, wilson_interval
+from laser_ops.scoring import HFScorer
+from laser_ops.svd import SvdCache
+from laser_ops.swap import WeightSwapper
+from laser_ops.testing import make_tiny_model, tiny_tokenizer
+from tests.server.conftest import LiveServer, start_server, tiny_loaded
+
+WORDS = ["Paris", "Rome", "France", "Italy", "city", "capital", "fox", "dog", "yes", "no", "blue", "red"]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def toy_rows(n: int = 24, seed: int = 0, kind: str = "multiple_choice") -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
+        if kind == "multiple_choice":
+            choices = rng.sample(["Paris", "Rome is a city", "no", "the lazy dog", "blue"], rng.randint(2, 3))
+            rows.append({"input": text, "choices": choices, "answer": rng.randrange(len(choices))})
+        else:
+            rows.append({"input": text, "targets": [rng.choice(WORDS)]})
+    return rows
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def upload(c, name: str, rows: list[dict]) -> None:
+    r = c.post("/v1/datasets", json={"name": name, "format": "jsonl", "content": jsonl(rows)})
+    assert r.status_code == 201, r.text
+
+
+def start(c, **body) -> dict:
+    r = c.post("/v1/jobs/sweeps", json=body)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def wait(c, job_id: str, until=lambda j: j["state"] in TERMINAL, timeout: float = 120.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = c.get(f"/v1/jobs/{job_id}").json()
+        if until(j):
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {j['state']} {j['done']}/{j['total']}")
+
+
+def manager(srv: LiveServer):
+    return srv.app.state.services.extras["jobs"]
+
+
+def hold_after(srv: LiveServer, n_steps: int, gate: threading.Event) -> None:
+    """Make the job worker pause after its n-th step until ``gate`` is set (or the server stops)."""
+    m = manager(srv)
+    seen = [0]
+
+    async def after_step(job_id, row) -> None:
+        seen[0] += 1
+        while seen[0] >= n_steps and not gate.is_set():
+            await asyncio.sleep(0.01)
+
+    m._after_step = after_step
+
+
+SMALL = dict(types=["fc_in", "fc_out"], layers=[1, 2], rhos=[0.5, 0.1], validation_fraction=0.5)
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "generation"])
+def test_job_accuracy_equals_library_scoring(live: LiveServer, kind: str) -> None:
+    c = live.client
+    rows = toy_rows(24 if kind == "multiple_choice" else 12, kind=kind)
+    upload(c, "toy", rows)
+    job = start(c, dataset="toy", max_new_tokens=4, **SMALL)
+    assert job["state"] in ("queued", "running") and job["total"] == 2 * 2 * 2 + 2
+    job = wait(c, job["id"])
+    assert job["state"] == "succeeded", job["error"]
+    assert job["done"] == job["total"] == 10 and job["stopped"] == "completed"
+
+    # Independent scoring through the library: same data, same split, a fresh copy of the same model.
+    dataset = parse_jsonl(jsonl(rows), "toy")
+    val = stratified_split(dataset, 0.5, 0).validation
+    model = make_tiny_model("llama")
+    scorer = HFScorer(model, tiny_tokenizer(), batch_size=8)
+    swapper = WeightSwapper(model, svd_cache=SvdCache("tiny-ref"))
+    table = [r for r in job["rows"] if r["role"] in ("base", "config")]
+    assert len(table) == 9
+    for r in table:
+        with swapper.applied_profile(r["interventions"]):
+            report = (evaluate_multiple_choice(scorer, val) if kind == "multiple_choice"
+                      else evaluate_generation(scorer, val, max_new_tokens=4))
+        v = r["validation"]
+        assert (v["n"], v["n_correct"]) == (report.n, report.n_correct), r["key"]
+        assert v["accuracy"] == pytest.approx(report.accuracy)
+        assert (v["ci_low"], v["ci_high"]) == pytest.approx(wilson_interval(report.n_correct, report.n))
+        if kind == "multiple_choice":
+            assert v["log_loss"] == pytest.approx(report.log_loss, rel=1e-4, abs=1e-4)
+        if r["role"] == "config":
+            assert r["delta_accuracy"] == pytest.approx(v["accuracy"] - job["base"]["validation"]["accuracy"])
+
+    best = job["best"]
+    assert best["validation"]["accuracy"] == max(r["validation"]["accuracy"] for r in table if r["role"] == "config")
+    test = job["test"]
+    assert test["winner_key"] == best["key"] and test["base"]["n"] == job["n_test"] == len(rows) // 2
+    assert test["base"]["ci_low"] <= test["base"]["accuracy"] <= test["base"]["ci_high"]
+    assert 0 <= test["mcnemar"]["p_value"] <= 1
+    if not test["significant"]:
+        assert "not significant" in test["verdict"] or "base model itself" in test["verdict"]
+    assert job["verdict"] == test["verdict"]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(("patch", "status", "loc", "needle"), [
+    ({"layers": [7]}, 422, ["body", "layers"], "allowed: 0..2"),
+    ({"layers": []}, 422, ["body", "layers"], "must not be empty"),
+    ({"types": ["fc_xx"]}, 422, ["body", "types"], "allowed"),
+    ({"rhos": [0.5, 1.5]}, 422, ["body", "rhos"], "allowed (0, 1]"),
+    ({"rhos": []}, 422, ["body", "rhos"], "(0, 1]"),
+    ({"dataset": "nope"}, 404, ["body", "dataset"], "unknown dataset"),
+    ({"dataset": "../etc"}, 422, ["body", "dataset"], "pattern"),
+    ({"validation_fraction": 1.5}, 422, ["body", "validation_fraction"], "less than 1"),
+    ({"bogus": 1}, 422, ["body", "bogus"], "Extra"),
+])
+def test_invalid_sweeps_are_clear_4xx(live: LiveServer, patch: dict, status: int, loc: list, needle: str) -> None:
+    body = {"dataset": "epistemic_reasoning", **SMALL, **patch}
+    r = live.client.post("/v1/jobs/sweeps", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["detail"][0]
+    assert err["loc"][:len(loc)] == loc and needle in err["msg"], err
+    assert live.client.get("/v1/jobs").json()["data"] == []
+
+
+def test_unknown_job_is_404(live: LiveServer) -> None:
+    c = live.client
+    for r in (c.get("/v1/jobs/nope"), c.delete("/v1/jobs/nope"), c.get("/v1/jobs/nope/plot.png"),
+              c.get("/v1/jobs/nope/events"), c.post("/v1/jobs/nope/promote", json={"name": "x"})):
+        assert r.status_code == 404, r.text
+
+
+# ---------------------------------------------------------------------------------------------- lifecycle
+
+
+def test_cancel_running_and_queued_jobs(live: LiveServer) -> None:
+    c = live.client
+    upload(c, "toy", toy_rows())
+    gate = threading.Event()
+    hold_after(live, 2, gate)
+    first = start(c, dataset="toy", **SMALL)
+    second = start(c, dataset="toy", **SMALL)
+    wait(c, first["id"], lambda j: j["done"] >= 2)
+    assert c.get(f"/v1/jobs/{second['id']}").json()["state"] == "queued"  # one job at a time, FIFO
+    metrics = c.get("/metrics").text
+    assert f'laser_job_progress_ratio{{job="{first["id"]}"}} 0.2' in metrics
+    assert 'laser_jobs{state="running"} 1.0' in metrics and 'laser_jobs{state="queued"} 1.0' in metrics
+
+    r = c.delete(f"/v1/jobs/{second['id']}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    r = c.delete(f"/v1/jobs/{first['id']}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    gate.set()
+    time.sleep(0.3)
+    job = c.get(f"/v1/jobs/{first['id']}").json()
+    assert job["state"] == "cancelled" and job["done"] == 2 and job["test"] is None  # rows kept, no more steps
+    assert [r["key"] for r in job["rows"]][:2] == ["base", "laser:fc_in:1:0.5"]
+    assert c.get(f"/v1/jobs/{second['id']}").json()["rows"] == []
+    assert c.delete(f"/v1/jobs/{first['id']}").status_code == 409
+    assert c.delete("/v1/datasets/toy").status_code == 200  # no unfinished job uses it any more
+    states = {j["id"]: j["state"] for j in c.get("/v1/jobs").json()["data"]}
+    assert states == {first["id"]: "cancelled", second["id"]: "cancelled"}
+    metrics = c.get("/metrics").text
+    assert 'laser_jobs{state="cancelled"} 2.0' in metrics and "laser_job_progress_ratio{" not in metrics
+
+
+def test_dataset_in_use_cannot_be_deleted(live: LiveServer) -> None:
+    c = live.client
+    upload(c, "toy", toy_rows())
+    gate = threading.Event()
+    hold_after(live, 1, gate)
+    job = start(c, dataset="toy", **SMALL)
+    r = c.delete("/v1/datasets/toy")
+    assert r.status_code == 409 and job["id"] in r.text
+    gate.set()
+    assert wait(c, job["id"])["state"] == "succeeded"
+
+
+def test_failed_job_reports_its_error(live: LiveServer) -> None:
+    c = live.client
+    upload(c, "toy", toy_rows())
+
+    async def broken(job_id, row) -> None:
+        raise RuntimeError("disk on fire")
+
+    manager(live)._after_step = broken
+    job = wait(c, start(c, dataset="toy", **SMALL)["id"])
+    assert job["state"] == "failed" and job["error"] == "RuntimeError: disk on fire" and job["finished_at"]
+    assert [r["key"] for r in job["rows"]] == ["base"]  # the finished step is kept
+    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 409
+
+
+def test_resume_after_restart_skips_finished_steps(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, tiny_loaded())
+    try:
+        upload(srv.client, "toy", toy_rows())
+        hold_after(srv, 3, threading.Event())  # never released: the server stops mid-job
+        job = start(srv.client, dataset="toy", **SMALL)
+        before = wait(srv.client, job["id"], lambda j: j["done"] >= 3)
+        assert before["state"] == "running" and before["done"] == 3
+        time.sleep(0.1)
+    finally:
+        srv.stop()
+    srv = start_server(tmp_path, tiny_loaded())
+    try:
+        after = wait(srv.client, job["id"])
+        assert after["state"] == "succeeded" and after["done"] == after["total"] == 10
+        assert manager(srv).steps_run == 10 - 3  # finished configs were not rerun
+        assert after["rows"][:3] == before["rows"][:3]  # same rows, same timings: loaded, not recomputed
+        assert len({r["key"] for r in after["rows"]}) == 10
+    finally:
+        srv.stop()
+
+
+def test_promote_winner_and_serve_it(live: LiveServer) -> None:
+    c = live.client
+    upload(c, "toy", toy_rows())
+    gate = threading.Event()
+    hold_after(live, 1, gate)
+    job = start(c, dataset="toy", **SMALL)
+    wait(c, job["id"], lambda j: j["done"] >= 1)
+    r = c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "early"})
+    assert r.status_code == 409 and "running" in r.text
+    gate.set()
+    job = wait(c, job["id"])
+    r = c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "winner"})
+    assert r.status_code == 201, r.text
+    stored, best = r.json()["interventions"], job["best"]["interventions"]
+    assert len(stored) == len(best) == 1 and best[0].items() <= stored[0].items()
+    assert c.get("/v1/profiles/winner").status_code == 200
+    g = c.post("/v1/generate", json={"prompt": "Paris is", "profile": "winner", "max_new_tokens": 3})
+    assert g.status_code == 200 and g.json()["profile"] == "winner"
+
+    r = c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "winner"})
+    assert r.status_code == 409 and r.json()["detail"][0]["loc"] == ["body", "name"]
+    assert c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "winner", "replace": True}).status_code == 201
+    assert c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "base"}).status_code == 409
+    assert c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "../x"}).status_code == 422
+
+
+def test_no_winner_cannot_be_promoted_or_plotted(live: LiveServer) -> None:
+    c = live.client
+    upload(c, "toy", toy_rows())
+    gate = threading.Event()
+    hold_after(live, 1, gate)
+    job = start(c, dataset="toy", **SMALL)
+    wait(c, job["id"], lambda j: j["done"] >= 1)
+    c.delete(f"/v1/jobs/{job['id']}")
+    gate.set()
+    r = c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "w"})
+    assert r.status_code == 409 and "no winning config" in r.text
+    assert c.get(f"/v1/jobs/{job['id']}/plot.png").status_code == 409
+
+
+def test_plot_events_and_metrics(live: LiveServer) -> None:
+    c = live.client
+    upload(c, "toy", toy_rows())
+    gate = threading.Event()
+    hold_after(live, 1, gate)
+    job = start(c, dataset="toy", **SMALL)
+    events: list[tuple[str, dict]] = []
+    with c.stream("GET", f"/v1/jobs/{job['id']}/events") as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in s.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+                gate.set()
+    progress = [e for n, e in events if n == "progress"]
+    assert events[-1][0] == "state" and events[-1][1]["state"] == "succeeded"
+    dones = [e["done"] for e in progress]
+    assert dones == sorted(dones) and dones[-1] == 10 and {e["total"] for e in progress} <= {None, 10}
+    assert any(e["eta_s"] is not None for e in progress) and any(e["best"] for e in progress)
+    assert events[-1][1]["best"]["validation"]["ci_high"] >= events[-1][1]["best"]["validation"]["accuracy"]
+
+    png = c.get(f"/v1/jobs/{job['id']}/plot.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG\r\n\x1a\n")
+    metrics = c.get("/metrics").text
+    assert 'laser_jobs{state="succeeded"} 1.0' in metrics and 'laser_jobs{state="running"} 0.0' in metrics
+    # A finished job's stream is one final state event.
+    with c.stream("GET", f"/v1/jobs/{job['id']}/events") as s:
+        lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert len(lines) == 1 and json.loads(lines[0][6:])["state"] == "succeeded"
+
+
+def test_inference_is_served_while_a_sweep_runs(live: LiveServer) -> None:
+    c = live.client
+    upload(c, "toy", toy_rows(200))
+    job = start(c, dataset="toy", types=["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_up", "fc_out"],
+                layers="all", rhos=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01])
+    assert job["total"] == 7 * 3 * 7 + 2
+    wait(c, job["id"], lambda j: j["done"] >= 2)
+    for _ in range(3):
+        g = c.post("/v1/generate", json={"prompt": "Paris is", "max_new_tokens": 4})
+        assert g.status_code == 200
+    j = c.get(f"/v1/jobs/{job['id']}").json()
+    assert j["state"] == "running" and j["done"] < j["total"]  # answered while the sweep was still running
+    assert c.delete(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+
+
+def test_admin_key_guards_jobs(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, tiny_loaded(), admin_api_key="adm", api_key="inf")
+    try:
+        c = srv.client
+        body = {"dataset": "epistemic_reasoning", **SMALL, "max_validation_examples": 4, "max_test_examples": 4}
+        assert c.post("/v1/jobs/sweeps", json=body).status_code == 401
+        assert c.post("/v1/jobs/sweeps", json=body, headers={"Authorization": "Bearer inf"}).status_code == 403
+        r = c.post("/v1/jobs/sweeps", json=body, headers={"Authorization": "Bearer adm"})
+        assert r.status_code == 202
+        assert c.get("/v1/jobs", headers={"Authorization": "Bearer inf"}).status_code == 200
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.mark.integration
+def test_readme_flow_on_smollm2(tmp_path: Path, smollm2) -> None:
+    """Name a built-in dataset, sweep, watch, plot, promote, generate: all over REST on the real model."""
+    srv = start_server(tmp_path, smollm2)
+    try:
+        c = srv.client
+        info = c.get("/v1/datasets/epistemic_reasoning").json()
+        assert info["builtin"] and info["kind"] == "multiple_choice"
+        job = start(c, dataset="epistemic_reasoning", types=["fc_in"], layers=[-2, -1], rhos=[0.1, 0.01],
+                    max_validation_examples=20, max_test_examples=40)
+        assert job["total"] == 6
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=600) as s:
+            last = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")][-1]
+        assert last["type"] == "state" and last["state"] == "succeeded", last
+        job = c.get(f"/v1/jobs/{job['id']}").json()
+        assert job["n_validation"] == 20 and {r["layer"] for r in job["rows"] if r["role"] == "config"} == {28, 29}
+        assert job["test"] is not None and job["test"]["verdict"]
+        png = c.get(f"/v1/jobs/{job['id']}/plot.png")
+        assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+        r = c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "epistemic-best"})
+        assert r.status_code == 201, r.text
+        g = c.post("/v1/generate", json={"prompt": "The capital of France is", "profile": "epistemic-best",
+                                         "max_new_tokens": 8})
+        assert g.status_code == 200 and g.json()["profile"] == "epistemic-best" and g.json()["choices"][0]["text"]
+    finally:
+        srv.stop()

@@ -1,0 +1,184 @@
+"""Profile routes over real HTTP: CRUD, validation against the loaded model, dry runs, durability."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from laser_ops.testing import save_tiny_model
+from tests.server.conftest import LiveServer, free_port, start_server, tiny_loaded
+
+P1 = [{"kind": "laser", "target": "fc_in", "layer": 1, "rank_fraction": 0.1}]
+P2 = [{"kind": "zero", "target": "fc_out", "layer": 0}]
+
+
+def test_crud_round_trip(live: LiveServer) -> None:
+    c = live.client
+    r = c.post("/v1/profiles", json={"name": "p1", "description": "late mlp", "interventions": P1})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["name"] == "p1" and body["matrices"] == 1 and body["description"] == "late mlp"
+    assert body["interventions"][0]["rank_fraction"] == 0.1
+
+    assert c.get("/v1/profiles/p1").json()["interventions"] == body["interventions"]
+    names = [p["name"] for p in c.get("/v1/profiles").json()["data"]]
+    assert names == ["base", "p1"]
+
+    dup = c.post("/v1/profiles", json={"name": "p1", "interventions": P2})
+    assert dup.status_code == 409 and dup.json()["detail"][0]["loc"] == ["body", "name"]
+
+    r = c.put("/v1/profiles/p1", json={"interventions": P2})
+    assert r.status_code == 200 and r.json()["interventions"][0]["kind"] == "zero"
+    assert r.json()["created_at"] == body["created_at"] and r.json()["updated_at"] >= body["updated_at"]
+    r = c.put("/v1/profiles/p3", json={"interventions": P1})
+    assert r.status_code == 201
+
+    assert c.delete("/v1/profiles/p1").json() == {"name": "p1", "deleted": True}
+    assert c.delete("/v1/profiles/p1").status_code == 404
+    assert c.get("/v1/profiles/p1").status_code == 404
+    assert [p["name"] for p in c.get("/v1/profiles").json()["data"]] == ["base", "p3"]
+
+
+def test_base_is_reserved(live: LiveServer) -> None:
+    c = live.client
+    base = c.get("/v1/profiles/base").json()
+    assert base["reserved"] and base["interventions"] == [] and base["active"]
+    assert c.post("/v1/profiles", json={"name": "base", "interventions": P1}).status_code == 409
+    assert c.put("/v1/profiles/base", json={"interventions": P1}).status_code == 409
+    r = c.delete("/v1/profiles/base")
+    assert r.status_code == 409 and "reserved" in r.text
+
+
+@pytest.mark.parametrize(("interventions", "loc", "needle"), [
+    ([{"target": "fc_in", "layer": 7, "rank_fraction": 0.1}], ["body", "interventions", 0, "layer"], "out of range"),
+    ([{"target": "fc_in", "layer": 1, "rank": 999}], ["body", "interventions", 0, "rank"], "out of range"),
+    ([P1[0], {"target": "mlp", "layer": 1, "rank": 2}], ["body", "interventions", 1, "target"], "edited twice"),
+    ([{"target": "fc_xx", "layer": 1, "rank": 2}], ["body", "interventions", 0], "target must be"),
+    ([{"kind": "nope", "target": "fc_in", "layer": 1}], ["body", "interventions", 0, "kind"], "laser"),
+    ([{"target": "fc_in", "layer": 1, "rank_fraction": 1.5}], ["body", "interventions", 0, "rank_fraction"], "1"),
+    ([{"target": "fc_in", "layer": 1}], ["body", "interventions", 0], "exactly one of"),
+    ([{"target": "fc_in", "layer": "9:"}], ["body", "interventions", 0], "exactly one of"),
+    ([{"target": "fc_in", "layer": "9:", "rank": 1}], ["body", "interventions", 0, "layer"], "selects no layer"),
+])
+def test_invalid_interventions_name_the_field(live: LiveServer, interventions, loc, needle) -> None:
+    for dry in ("false", "true"):
+        r = live.client.post(f"/v1/profiles?dry_run={dry}", json={"name": "bad", "interventions": interventions})
+        assert r.status_code == 422, r.text
+        err = r.json()["detail"][0]
+        assert err["loc"][:len(loc)] == loc and needle in err["msg"], err
+    assert live.client.get("/v1/profiles/bad").status_code == 404
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", "-lead", "x" * 65, "sp ace", "dot/../x", "é"])
+def test_unsafe_names_are_refused(live: LiveServer, name: str) -> None:
+    r = live.client.post("/v1/profiles", json={"name": name, "interventions": P1})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"]
+    data_dir = Path(live.app.state.settings.data_dir)
+    assert sorted(p.name for p in data_dir.iterdir() if not p.name.startswith("laser.sqlite3")) in ([], ["svd"])
+
+
+def test_path_name_is_validated(live: LiveServer) -> None:
+    assert live.client.get("/v1/profiles/bad name!").status_code == 422
+    assert live.client.put("/v1/profiles/..%2Fx", json={"interventions": P1}).status_code in (404, 422)
+
+
+def test_dry_run_reports_and_stores_nothing(live: LiveServer) -> None:
+    spec = [{"target": "mlp", "layer": "all", "rank_fraction": 0.25}]
+    r = live.client.post("/v1/profiles?dry_run=true", json={"name": "d", "interventions": spec})
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["dry_run"] and len(report["matrices"]) == 9  # 3 types x 3 layers
+    for m in report["matrices"]:
+        assert m["k"] == 8  # floor(0.25 * min(64, 32))
+        # Eckart-Young: the discarded energy is the squared relative Frobenius error.
+        assert m["relative_frobenius_error"] ** 2 == pytest.approx(1 - m["retained_energy"], rel=1e-4, abs=1e-6)
+    assert live.client.get("/v1/profiles/d").status_code == 404
+    r = live.client.put("/v1/profiles/d?dry_run=true", json={"interventions": spec})
+    assert r.status_code == 200 and r.json()["dry_run"]
+    assert live.client.get("/v1/profiles/d").status_code == 404
+    assert live.client.get("/info").json()["active_profile"] == "base"
+
+
+def _greedy(c: httpx.Client, profile: str, prompt: str = "The capital of France is") -> str:
+    r = c.post("/v1/generate", json={"profile": profile, "prompt": prompt, "max_new_tokens": 12})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_put_takes_effect_on_the_next_batch(live: LiveServer) -> None:
+    c = live.client
+    assert c.post("/v1/profiles", json={"name": "p", "interventions": P1}).status_code == 201
+    assert c.post("/v1/profiles", json={"name": "q", "interventions": P2}).status_code == 201
+    before, target = _greedy(c, "p"), _greedy(c, "q")
+    assert before != target
+    assert c.put("/v1/profiles/p", json={"interventions": P2}).status_code == 200
+    assert _greedy(c, "p") == target
+    assert c.delete("/v1/profiles/p").status_code == 200
+    assert c.post("/v1/generate", json={"profile": "p", "prompt": "x"}).status_code == 404
+
+
+def test_profiles_survive_an_app_restart(tmp_path: Path) -> None:
+    loaded = tiny_loaded()
+    srv = start_server(tmp_path, loaded)
+    try:
+        assert srv.client.post("/v1/profiles", json={"name": "keep", "interventions": P1}).status_code == 201
+        out = _greedy(srv.client, "keep")
+    finally:
+        srv.stop()
+    srv = start_server(tmp_path, loaded)
+    try:
+        assert srv.client.get("/v1/profiles/keep").json()["interventions"][0]["rank_fraction"] == 0.1
+        assert _greedy(srv.client, "keep") == out
+    finally:
+        srv.stop()
+
+
+def _spawn(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--data-dir", str(data_dir),
+           "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server did not become ready")
+
+
+def test_profiles_survive_kill_9(tmp_path: Path) -> None:
+    """A separate server process is SIGKILLed right after the create answers; the restart finds the profile."""
+    model_dir = Path(save_tiny_model("llama", str(tmp_path / "model")))
+    data_dir = tmp_path / "data"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _spawn(model_dir, data_dir, port)
+    try:
+        _wait_ready(proc, url)
+        r = httpx.post(f"{url}/v1/profiles", json={"name": "durable", "interventions": P1}, timeout=30)
+        assert r.status_code == 201, r.text
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc = _spawn(model_dir, data_dir, port)
+        _wait_ready(proc, url)
+        r = httpx.get(f"{url}/v1/profiles/durable", timeout=30)
+        assert r.status_code == 200 and r.json()["matrices"] == 1
+    finally:
+        proc.kill()
+        proc.wait(30)
