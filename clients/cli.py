@@ -32,7 +32,7 @@ app = typer.Typer(name="laser", no_args_is_help=True, rich_markup_mode="rich", a
                        "  laser info\n\n"
                        "  laser profiles create late-fc -e laser:fc_in:-2:0.01\n\n"
                        "  laser ab --profiles base,late-fc \"The capital of France is\"\n\n"
-                       "  laser sweep --dataset epistemic_reasoning --types fc_in --layers -1,-2 --watch")
+                       "  laser sweep --dataset epistemic_reasoning --types fc_in --layers=-1,-2 --watch")
 profiles_app = typer.Typer(no_args_is_help=True, help="Named edit profiles: ls, show, create, rm.")
 datasets_app = typer.Typer(no_args_is_help=True, help="Evaluation datasets for sweeps: ls, show, upload, rm.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Sweep jobs: ls, show, cancel.")
@@ -561,7 +561,7 @@ def sweep(
 
     Examples:
 
-      laser sweep --dataset epistemic_reasoning --types fc_in,fc_out --layers -1,-2 --rhos 0.01,0.1 --watch
+      laser sweep --dataset epistemic_reasoning --types fc_in,fc_out --layers=-1,-2 --rhos 0.01,0.1 --watch
 
       laser sweep -D my-qa --grid '{"strategy": "greedy_compose", "max_configs": 20}' --json
     """
