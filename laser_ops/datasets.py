@@ -70,11 +70,17 @@ class PromptFormat(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task_prefix: str = ""
-    example_input_prefix: str = ""
-    example_output_prefix: str = " "
-    choice_prefix: str = "\n  choice: "
-    append_choices_to_input: bool = False
+    task_prefix: str = Field("", description="Text put before every prompt (e.g. the task instructions).")
+    example_input_prefix: str = Field("", description="Text put before the example's input (ignored with "
+                                                      "template).")
+    example_output_prefix: str = Field(" ", description="Text put after the input, just before the answer "
+                                                        "(ignored with template).")
+    choice_prefix: str = Field("\n  choice: ", description="Text put before each choice where the choices are "
+                                                           "listed (append_choices_to_input, or {choices} in "
+                                                           "template).")
+    append_choices_to_input: bool = Field(False, description="Append the choices, each after choice_prefix, to "
+                                                             "the input (with a template lacking {choices}: after "
+                                                             "the rendered template).")
     template: str | None = Field(None, description=(
         "Optional str.format template with {input} (and {choices}); replaces the input/output prefixes."))
 

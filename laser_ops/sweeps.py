@@ -74,16 +74,22 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str | None = Field(None, description="Built-in dataset name (or an id the caller resolves).")
-    strategy: Strategy = "grid"
+    strategy: Strategy = Field("grid", description=(
+        "Search order: grid (every type x layer x rho), greedy_compose (add an edit only if validation "
+        "accuracy strictly rises; the winner is the composed profile) or spectral_prior (matrices with the "
+        "lowest Marchenko-Pastur SNR first; useful with a budget)."))
     kind: EditKindName = Field("laser", description="Edit kind swept (controls: random_basis, keep_bottom, "
                                                     "prune_magnitude with sparsity = 1 - rho).")
     types: list[str] = Field(default_factory=lambda: list(PAPER_TYPES), description=f"LASER types, from {TYPES}.")
     layers: list[int] | Literal["all"] = Field("all", description="0-based layers (negative from the end) or 'all'.")
     rhos: list[float] = Field(default_factory=lambda: list(PAPER_RHOS), description="Rank fractions in (0, 1].")
     seed: int = Field(0, ge=0, description="Seeds the split (and random_basis).")
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
-    max_validation_examples: int | None = Field(None, ge=2)
-    max_test_examples: int | None = Field(None, ge=2)
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "Share of the dataset held out for validation (seeded, stratified by gold label); the rest is test."))
+    max_validation_examples: int | None = Field(None, ge=2, description=(
+        "Cap on validation examples (a seeded stratified subsample); unset: the whole split."))
+    max_test_examples: int | None = Field(None, ge=2, description=(
+        "Cap on test examples (a seeded stratified subsample); unset: the whole split."))
     metric: Literal["accuracy", "log_loss"] = Field("accuracy", description=(
         "Selection metric on validation; accuracy ties go to lower log-loss."))
     normalize: bool = Field(False, description="Multiple choice: compare per-token log-probs.")
@@ -93,7 +99,8 @@ class SweepConfig(BaseModel):
     max_perplexity_ratio: float | None = Field(None, gt=1, description=(
         "Guard: reject configs whose perplexity on the validation texts exceeds base x this ratio."))
     fast: bool = Field(True, description="Use the layer-cached multiple-choice evaluator where supported.")
-    batch_size: int = Field(16, ge=1, le=1024)
+    batch_size: int = Field(16, ge=1, le=1024, description=(
+        "Sequences per forward pass of the fast multiple-choice evaluator."))
 
     @field_validator("types")
     @classmethod

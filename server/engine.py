@@ -7,8 +7,11 @@ other profile ahead of it), takes every queued request of that lane with the sam
 runs the batch, and hands results back to the event loop. A request is therefore only ever
 computed with its own profile's weights, and swaps happen between batches.
 
-Sweep jobs submit ``task`` items (one config per item), so inference keeps being served
-between sweep steps. The queue is bounded: :class:`EngineOverloaded` maps to HTTP 429.
+Sweep jobs submit *background* ``task`` items (one config per item). Background work yields to
+inference: it runs only when no inference is queued and none finished in the last
+``background_grace_s`` (a closed-loop client's next request arrives within that), unless it has
+waited ``background_max_wait_s`` (so a sweep still progresses under constant load). The queue is
+bounded: :class:`EngineOverloaded` maps to HTTP 429.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Op = Literal["generate", "loglikelihood", "prompt_logprobs", "rolling", "task"]
 _BATCHED: frozenset[str] = frozenset({"generate", "loglikelihood"})
+_BACKGROUND = "\x00background"  # lane of background tasks (never a valid profile name)
 
 
 class EngineOverloaded(RuntimeError):
@@ -61,6 +65,7 @@ class _Item:
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     size: int = 1
+    background: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -89,6 +94,8 @@ class Engine:
         max_queue: int = 256,
         max_batch_size: int = 16,
         batch_wait_s: float = 0.02,
+        background_grace_s: float = 0.05,
+        background_max_wait_s: float = 10.0,
     ) -> None:
         self.swapper = swapper
         self.scorer = scorer
@@ -99,6 +106,9 @@ class Engine:
         #: Longest a batch waits for more requests of its lane, while fewer are queued than recent batches had
         #: (closed-loop clients resubmit a few ms after their batch ends; without the wait, batches fragment).
         self.batch_wait_s = batch_wait_s
+        self.background_grace_s = background_grace_s
+        self.background_max_wait_s = background_max_wait_s
+        self._last_foreground_end = 0.0
         #: Requests still arriving less than this apart (a burst) are gathered into one batch.
         self.batch_quiet_s = min(0.004, batch_wait_s)
         self._last_batch_size = 1
@@ -146,10 +156,12 @@ class Engine:
         size: int = 1,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
         cancelled: threading.Event | None = None,
+        background: bool = False,
     ) -> Any:
         """Queue one request and wait for its result; a client that disconnects cancels it."""
         loop = asyncio.get_running_loop()
-        item = _Item(profile, op, payload, loop.create_future(), loop, size)
+        item = _Item(profile, op, payload, loop.create_future(), loop, size, background)
+        lane_key = _BACKGROUND if background else profile
         if cancelled is not None:
             item.cancelled = cancelled
         with self._cond:
@@ -158,7 +170,7 @@ class Engine:
             if op != "task" and self._pending + size > self.max_queue:
                 self.metrics.rejected.labels(profile or "").inc()
                 raise EngineOverloaded(self._retry_after())
-            self._lanes.setdefault(profile, deque()).append(item)
+            self._lanes.setdefault(lane_key, deque()).append(item)
             self._pending += size
             self.metrics.queue_depth.set(self._pending)
             self._cond.notify()
@@ -229,14 +241,34 @@ class Engine:
         return await self.submit(profile, "rolling", (texts, max_length, stride), size=max(1, len(texts)), **kw)
 
     async def run_task(self, fn: Callable[[WeightSwapper, Scorer], T], *, profile: str | None = None,
-                       cancelled: threading.Event | None = None) -> T:
-        """Run ``fn`` on the owner thread (between inference batches); with ``profile`` it runs on those weights."""
-        return await self.submit(profile, "task", fn, cancelled=cancelled)
+                       cancelled: threading.Event | None = None, background: bool = False) -> T:
+        """Run ``fn`` on the owner thread (between inference batches); with ``profile`` it runs on those weights.
+
+        ``background`` work (sweep steps) yields to inference; see the module docstring.
+        """
+        return await self.submit(profile, "task", fn, cancelled=cancelled, background=background)
 
     # -- owner thread ----------------------------------------------------------------------------
 
+    def _next_lane(self) -> str | None:
+        """Foreground lane whose head waited longest; the background lane only when it may run."""
+        foreground = [k for k in self._lanes if k != _BACKGROUND]
+        background = self._lanes.get(_BACKGROUND)
+        if background and (not foreground or
+                           time.perf_counter() - background[0].enqueued >= self.background_max_wait_s):
+            return _BACKGROUND
+        return min(foreground, key=lambda p: self._lanes[p][0].enqueued)
+
+    def _background_must_wait(self) -> float:
+        """Seconds a background task should still wait for inference that may be about to arrive."""
+        if _BACKGROUND not in self._lanes or self._next_lane() != _BACKGROUND:
+            return 0.0
+        if time.perf_counter() - self._lanes[_BACKGROUND][0].enqueued >= self.background_max_wait_s:
+            return 0.0
+        return max(0.0, self._last_foreground_end + self.background_grace_s - time.perf_counter())
+
     def _take_batch(self) -> list[_Item]:
-        profile = min(self._lanes, key=lambda p: self._lanes[p][0].enqueued)
+        profile = self._next_lane()
         lane = self._lanes[profile]
         head = lane.popleft()
         batch, size = [head], head.size
@@ -257,7 +289,7 @@ class Engine:
         return batch
 
     def _oldest_lane(self) -> deque[_Item]:
-        return self._lanes[min(self._lanes, key=lambda p: self._lanes[p][0].enqueued)]
+        return self._lanes[self._next_lane()]
 
     def _gather_batch(self) -> None:
         """With the lock held: wait up to ``batch_wait_s`` for a fuller batch.
@@ -291,6 +323,10 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
+                wait = self._background_must_wait()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
                 self._gather_batch()
                 if self._stopping:
                     return
@@ -303,6 +339,9 @@ class Engine:
                 logger.exception("engine batch failed")
                 for item in batch:
                     item.resolve(error=exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+            finally:
+                if not batch[0].background:
+                    self._last_foreground_end = time.perf_counter()
 
     def _activate(self, profile: str) -> None:
         try:

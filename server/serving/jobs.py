@@ -343,7 +343,7 @@ class JobManager:
                 if step is None:
                     break
                 try:
-                    row = await self.services.engine.run_task(step.run, cancelled=live.cancel)
+                    row = await self.services.engine.run_task(step.run, cancelled=live.cancel, background=True)
                 except RequestCancelled:
                     break
                 runner.record(row)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
 import httpx
 
+from laser_ops.scoring import HFScorer
+from laser_ops.svd import SvdCache
+from laser_ops.swap import WeightSwapper
+from server.engine import Engine
+from server.metrics import Metrics
 from tests.server.conftest import LiveServer, start_server, tiny_loaded
 
 PROFILES = {
@@ -152,3 +158,63 @@ def test_tasks_keep_the_active_profile(live: LiveServer) -> None:
     r = c.post("/v1/profiles?dry_run=true", json={"name": "d", "interventions": PROFILES["e2"]})
     assert r.status_code == 200
     assert c.get("/info").json()["active_profile"] == "e1"
+
+
+def _bare_engine(**kw: object) -> Engine:
+    loaded = tiny_loaded()
+    swapper = WeightSwapper(loaded.model, svd_cache=SvdCache(loaded.fingerprint))
+    engine = Engine(swapper, HFScorer(loaded.model, loaded.tokenizer), lambda name: [], Metrics(), **kw)
+    engine.start()
+    return engine
+
+
+async def _order_of(engine: Engine, background_first: bool) -> list[str]:
+    """Queue a background task and an inference task while the owner is busy; return the run order."""
+    order: list[str] = []
+    gate = threading.Event()
+    blocker = asyncio.create_task(engine.run_task(lambda s, c: gate.wait(10)))
+    await asyncio.sleep(0.05)  # the owner thread is now inside the blocker
+    jobs = [("bg", True), ("fg", False)] if background_first else [("fg", False), ("bg", True)]
+    tasks = []
+    for name, background in jobs:
+        tasks.append(asyncio.create_task(
+            engine.run_task(lambda s, c, n=name: order.append(n), background=background)))
+        await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(blocker, *tasks)
+    return order
+
+
+def test_background_tasks_yield_to_inference() -> None:
+    engine = _bare_engine(background_grace_s=0.0)
+    try:
+        assert asyncio.run(_order_of(engine, background_first=True)) == ["fg", "bg"]
+    finally:
+        engine.stop()
+
+
+def test_background_tasks_are_not_starved() -> None:
+    engine = _bare_engine(background_max_wait_s=0.0)  # waited long enough at once: plain FIFO
+    try:
+        assert asyncio.run(_order_of(engine, background_first=True)) == ["bg", "fg"]
+    finally:
+        engine.stop()
+
+
+def test_background_task_waits_for_a_closed_loop_client() -> None:
+    """Right after an inference batch, a queued sweep step leaves the grace period to the next request."""
+    engine = _bare_engine(background_grace_s=0.5)
+
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        await engine.run_task(lambda s, c: order.append("fg1"))
+        bg = asyncio.create_task(engine.run_task(lambda s, c: order.append("bg"), background=True))
+        await asyncio.sleep(0.05)  # a client's think time, well inside the grace period
+        await engine.run_task(lambda s, c: order.append("fg2"))
+        await bg
+        return order
+
+    try:
+        assert asyncio.run(scenario()) == ["fg1", "fg2", "bg"]
+    finally:
+        engine.stop()
