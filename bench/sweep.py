@@ -50,10 +50,10 @@ def naive_predictions(model: torch.nn.Module, scorer: HFScorer, items: list[tupl
                 scores = []
                 for choice in choices:
                     ctx, cont = scorer.encode_pair(context, choice)
-                    ids = torch.tensor([(ctx + cont)[:-1]])
+                    ids = torch.tensor([(ctx + cont)[:-1]], device=model.device)
                     logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-                    rows = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
-                    scores.append(logp[rows, torch.tensor(cont)].sum().item())
+                    rows = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=logp.device)
+                    scores.append(logp[rows, torch.tensor(cont, device=logp.device)].sum().item())
                 preds.append(max(range(len(scores)), key=lambda i: (scores[i], -i)))
         return preds
     finally:
@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--rhos", nargs="+", type=float, default=list(PAPER_RHOS))
     ap.add_argument("--naive-configs", type=int, default=5, help="configs run the naive way (>= 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    ap.add_argument("--dtype", default=None, help="auto (default: float32 on CPU, bfloat16 on CUDA), float32, ...")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None, help="write a JSON summary here")
     args = ap.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
     scorer = HFScorer(lm.model, lm.tokenizer, batch_size=args.batch_size)
     swapper = WeightSwapper(lm.model, svd_cache=SvdCache(lm.fingerprint))
     n_layers = swapper.targets.num_layers

@@ -33,7 +33,7 @@ class ErrorInfo(BaseModel):
 class ErrorResponse(BaseModel):
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    error: ErrorInfo
+    error: ErrorInfo = Field(..., description="What went wrong and where.")
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -41,9 +41,9 @@ class ErrorResponse(BaseModel):
 
 class ModelCard(BaseModel):
     id: str = Field(..., description="What to send as `model`: 'base' or a profile name.")
-    object: Literal["model"] = "model"
+    object: Literal["model"] = Field("model", description="Always 'model'.")
     created: int = Field(..., description="Unix time the profile was created (server start for base).")
-    owned_by: str = "laser-serve"
+    owned_by: str = Field("laser-serve", description="Always 'laser-serve'.")
     root: str = Field(..., description="The underlying model (alias, folder or GGUF stem).")
     parent: str | None = Field(None, description="'base' for profiles (they are edits of it); null for base.")
     max_model_len: int | None = Field(None, description="Longest prompt + completion, in tokens.")
@@ -51,8 +51,8 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+    object: Literal["list"] = Field("list", description="Always 'list'.")
+    data: list[ModelCard] = Field(..., description="'base' first, then every stored profile.")
 
 
 # --------------------------------------------------------------------------------------------- shared
@@ -66,7 +66,7 @@ class StreamOptions(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int = Field(..., description="Prompt tokens, counted once per prompt (not per choice).")
     completion_tokens: int = Field(..., description="Generated tokens over all choices (an ending EOS not counted).")
-    total_tokens: int
+    total_tokens: int = Field(..., description="prompt_tokens + completion_tokens.")
 
 
 def _no_effect(name: str, value: Any, neutral: tuple[Any, ...]) -> Any:
@@ -87,7 +87,7 @@ class _SamplingBase(BaseModel):
     top_k: int = Field(-1, ge=-1, description="Extension (vLLM): keep the k most likely tokens; -1 or 0: off.")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
     stream: bool = Field(False, description="Send server-sent events, ending with `data: [DONE]`.")
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="With stream: true, e.g. include_usage.")
     stop: str | list[str] | None = Field(None, description="Stop strings; the text ends just before the first one.")
     seed: int | None = Field(None, description="Reproducible sampling; choice j of a prompt uses seed + j.")
     presence_penalty: float | None = Field(None, description="Only 0 / unset.")
@@ -158,26 +158,36 @@ class CompletionLogprobs(BaseModel):
 
     tokens: list[str] = Field(default_factory=list, description="Token strings; they join to the returned text "
                                                                 "(a listed EOS shows its special-token text).")
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list, description=(
+        "Natural-log probability of each token; null for the first prompt token (with echo)."))
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list, description=(
+        "Per token: token text -> log-prob of the `logprobs` most likely tokens plus the chosen one; null where "
+        "token_logprobs is null."))
     text_offset: list[int] = Field(default_factory=list, description="Character offset of each token in `text`.")
 
 
 class CompletionChoice(BaseModel):
     index: int = Field(..., description="prompt_index * n + j.")
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    text: str = Field(..., description="Generated text, after the prompt's text with echo (in a stream: the "
+                                       "next piece of it).")
+    logprobs: CompletionLogprobs | None = Field(None, description="Per-token log-probs when the request set "
+                                                                  "logprobs; otherwise null.")
+    finish_reason: Literal["stop", "length"] | None = Field(None, description=(
+        "'stop' (EOS or a stop string) or 'length' (token limit reached); null on a stream's intermediate chunks."))
 
 
 class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    """The completion; with stream: true also the payload of each SSE event (one choice per chunk)."""
+
+    id: str = Field(..., description="Completion id, 'cmpl-<hex>' (the same on every chunk of a stream).")
+    object: Literal["text_completion"] = Field("text_completion", description="Always 'text_completion'.")
+    created: int = Field(..., description="Unix time the request was accepted.")
+    model: str = Field(..., description="The request's model, or the default profile when it named none.")
+    choices: list[CompletionChoice] = Field(..., description="n choices per prompt, ordered by prompt then j "
+                                                             "(a stream chunk holds one; the usage chunk none).")
+    usage: Usage | None = Field(None, description="Token counts; in a stream only on the last chunk, with "
+                                                  "stream_options.include_usage.")
+    system_fingerprint: str | None = Field(None, description="Always null (kept for OpenAI compatibility).")
 
 
 # --------------------------------------------------------------------------------------------- chat
@@ -185,8 +195,8 @@ class CompletionResponse(BaseModel):
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
+    type: str = Field(..., description="Part type; only 'text' is supported.")
+    text: str | None = Field(None, description="The text (required).")
 
     @model_validator(mode="after")
     def _text_only(self) -> TextPart:
@@ -198,8 +208,9 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str = Field(..., description="system, developer, user, assistant (or any role the template knows).")
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: str | list[TextPart] | None = Field(None, description="Text, or text parts (joined); null counts "
+                                                                   "as empty.")
+    name: str | None = Field(None, description="Optional participant name, passed on to the chat template.")
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
@@ -214,7 +225,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingBase):
     """POST /v1/chat/completions: the messages go through the model's chat template."""
 
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation, oldest first; "
+                                                                     "rendered with the model's chat template.")
     max_tokens: int | None = Field(None, ge=0, description="Deprecated alias of max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=0, description="Unset: up to the server's max_new_tokens "
                                                                       "(and the model's context).")
@@ -261,60 +273,69 @@ class ChatCompletionRequest(_SamplingBase):
 
 
 class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
+    token: str = Field(..., description="The token's text.")
+    logprob: float = Field(..., description="Natural-log probability of the token at this position.")
+    bytes: list[int] | None = Field(None, description="UTF-8 bytes of `token`.")
 
 
 class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+    top_logprobs: list[TopLogprob] = Field(default_factory=list, description=(
+        "The request's top_logprobs most likely tokens at this position, most likely first."))
 
 
 class ChatChoiceLogprobs(BaseModel):
-    content: list[ChatTokenLogprob] | None = None
+    content: list[ChatTokenLogprob] | None = Field(None, description="One entry per generated token.")
 
 
 class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
+    role: Literal["assistant"] = Field("assistant", description="Always 'assistant'.")
+    content: str = Field(..., description="The generated text.")
 
 
 class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    index: int = Field(..., description="Choice number j, 0..n-1.")
+    message: AssistantMessage = Field(..., description="The generated reply.")
+    logprobs: ChatChoiceLogprobs | None = Field(None, description="With logprobs: true, per-token log-probs; "
+                                                                  "otherwise null.")
+    finish_reason: Literal["stop", "length"] | None = Field(None, description=(
+        "'stop' (EOS or a stop string) or 'length' (token limit reached)."))
 
 
 class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    id: str = Field(..., description="Completion id, 'chatcmpl-<hex>'.")
+    object: Literal["chat.completion"] = Field("chat.completion", description="Always 'chat.completion'.")
+    created: int = Field(..., description="Unix time the request was accepted.")
+    model: str = Field(..., description="The request's model, or the default profile when it named none.")
+    choices: list[ChatChoice] = Field(..., description="n choices.")
+    usage: Usage | None = Field(None, description="Token counts.")
+    system_fingerprint: str | None = Field(None, description="Always null (kept for OpenAI compatibility).")
 
 
 class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    role: Literal["assistant"] | None = Field(None, description="'assistant' on a choice's first chunk only.")
+    content: str | None = Field(None, description="The next piece of text (empty on the first chunk).")
 
 
 class ChatStreamChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    index: int = Field(..., description="Choice number j, 0..n-1.")
+    delta: ChatDelta = Field(..., description="What this chunk adds to the choice's message.")
+    logprobs: ChatChoiceLogprobs | None = Field(None, description="With logprobs: true, on the choice's last "
+                                                                  "chunk: all its tokens' log-probs.")
+    finish_reason: Literal["stop", "length"] | None = Field(None, description=(
+        "'stop' (EOS or a stop string) or 'length' (token limit reached), on the choice's last chunk; null before."))
 
 
 class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = None
+    """Payload of each SSE event of POST /v1/chat/completions with stream: true."""
+
+    id: str = Field(..., description="Completion id, 'chatcmpl-<hex>' (the same on every chunk).")
+    object: Literal["chat.completion.chunk"] = Field("chat.completion.chunk", description=(
+        "Always 'chat.completion.chunk'."))
+    created: int = Field(..., description="Unix time the request was accepted.")
+    model: str = Field(..., description="The request's model, or the default profile when it named none.")
+    choices: list[ChatStreamChoice] = Field(..., description="One choice's update (none in the usage chunk).")
+    usage: Usage | None = Field(None, description="Token counts, only on the last chunk with "
+                                                  "stream_options.include_usage.")
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -340,29 +361,32 @@ class TokenizeRequest(BaseModel):
 
 
 class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int | None
-    tokens: list[int]
-    token_strs: list[str] | None = None
+    count: int = Field(..., description="Number of tokens.")
+    max_model_len: int | None = Field(..., description="Model positions (prompt + completion); null if unknown.")
+    tokens: list[int] = Field(..., description="Token ids.")
+    token_strs: list[str] | None = Field(None, description="Each token's text, with return_token_strs; "
+                                                           "otherwise null.")
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    tokens: list[StrictInt]
+    model: str | None = Field(None, description="Optional (checked to exist); every profile shares the "
+                                                "tokenizer.")
+    tokens: list[StrictInt] = Field(..., description="Token ids to decode, each inside the vocabulary.")
 
 
 class DetokenizeResponse(BaseModel):
-    prompt: str
+    prompt: str = Field(..., description="The decoded text (special tokens kept).")
 
 
 class TokenizerInfo(BaseModel):
-    tokenizer_class: str
-    bos_token: str | None
-    eos_token: str | None
-    pad_token: str | None
-    unk_token: str | None
+    tokenizer_class: str = Field(..., description="Class name of the transformers tokenizer.")
+    bos_token: str | None = Field(..., description="Beginning-of-sequence token text; null if none.")
+    eos_token: str | None = Field(..., description="End-of-sequence token text; null if none.")
+    pad_token: str | None = Field(..., description="Padding token text; null if none.")
+    unk_token: str | None = Field(..., description="Unknown-token text; null if none.")
     chat_template: str | None = Field(None, description="Jinja chat template used by /v1/chat/completions.")
     model_max_length: int | None = Field(None, description="Model positions (prompt + completion).")
-    vocab_size: int
+    vocab_size: int = Field(..., description="Tokens the tokenizer knows, added tokens "
+                                             "included.")
     add_bos_token: bool = Field(..., description="Whether text prompts get a BOS prepended.")

@@ -30,8 +30,8 @@ class Info(BaseModel):
     num_layers: int = Field(..., description="Transformer layers (0-based indexes in interventions).")
     laser_types: dict[str, LaserTypeInfo] = Field(..., description="LASER types this architecture has.")
     groups: dict[str, list[str]] = Field(..., description="Group name -> types it expands to.")
-    dtype: str
-    device: str
+    dtype: str = Field(..., description="Torch dtype of the weights, e.g. 'float16'.")
+    device: str = Field(..., description="Device the model runs on, e.g. 'cuda:0' or 'cpu'.")
     version: str = Field(..., description="laser-serve version.")
     active_profile: str | None = Field(None, description="Profile whose weights are live right now.")
     profiles: int = Field(..., description="Stored profiles (not counting base).")

@@ -49,7 +49,11 @@ async def get_export(name: ExportPath, services: ServicesDep) -> ExportPublic:
 
 
 @router.get("/v1/exports/{name}/files/{file:path}", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}, **_NOT_FOUND, **_ERRORS})
+            responses={200: {"description": "The file's bytes (Content-Length and HTTP ranges supported; check "
+                                            "against the SHA-256 the export lists).",
+                             "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}}},
+                       **_NOT_FOUND, **_ERRORS})
 async def download_file(name: ExportPath, file: str, services: ServicesDep) -> FileResponse:
     """Download one file of an export (only names the export itself lists)."""
     path = serving.file_path(services, name, file)

@@ -34,7 +34,11 @@ _STREAM = {"text/event-stream": {"schema": _EVENT_SCHEMA,
                                                 "then 'data: [DONE]'."}}
 
 
-@router.post("/generate", response_model=GenerateResponse, responses={200: {"content": _STREAM}, **_ERRORS})
+@router.post("/generate", response_model=GenerateResponse, responses={200: {
+    "description": "The generations (GenerateResponse). With stream=true, Server-Sent Events instead: "
+                   "'data: {GenerateStreamEvent}' per text delta (the last with finish_reason and usage), then "
+                   "'data: [DONE]'; a failure mid-stream sends 'data: {StreamError}' before [DONE].",
+    "content": _STREAM}, **_ERRORS})
 async def generate(body: GenerateRequest, request: Request, services: ServicesDep) -> GenerateResponse | StreamingResponse:
     """Generate from one or several prompts with a profile; stream=true answers Server-Sent Events."""
     if body.stream:

@@ -43,8 +43,12 @@ async def get_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
     return serving.get_job(services, job_id)
 
 
-@router.get("/{job_id}/events", dependencies=[InferenceAuth],
-            responses={200: {"content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}, **_NOT_FOUND})
+@router.get("/{job_id}/events", dependencies=[InferenceAuth], response_class=Response,
+            responses={200: {"description": "Server-Sent Events 'event: progress|state' + 'data: {JobProgress}': "
+                                            "a snapshot first, 'progress' per finished step, 'state' per state "
+                                            "change; the stream closes after the terminal state (': keep-alive' "
+                                            "comments in between).",
+                             "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}, **_NOT_FOUND})
 async def job_events(job_id: JobPath, request: Request, services: ServicesDep) -> StreamingResponse:
     """Server-Sent Events: 'progress' per finished step, then a 'state' event when the job ends."""
     stream = await serving.events(services, job_id, request.is_disconnected)
@@ -70,7 +74,10 @@ async def promote(job_id: JobPath, body: PromoteRequest, request: Request, servi
 
 
 @router.get("/{job_id}/plot.png", dependencies=[InferenceAuth], response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, 409: {"description": "Nothing to plot yet."},
+            responses={200: {"description": "PNG heatmap of validation accuracy (layer x rho, one panel per "
+                                            "type, base marked).",
+                             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                       409: {"description": "Nothing to plot yet."},
                        **_NOT_FOUND})
 async def plot(job_id: JobPath, services: ServicesDep) -> Response:
     """Heatmap of validation accuracy over layer x rho per type, base marked (the paper's Figure 2)."""

@@ -24,6 +24,7 @@ from server.deps import ServicesDep
 from server.engine import EngineOverloaded, EngineStopped, RequestCancelled, UnknownProfile
 from server.errors import ApiError
 from server.protocol.openai import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -119,6 +120,45 @@ class OpenAIRoute(APIRoute):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 503)}
 
+
+
+def _sse_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema for a text/event-stream response: models that are already OpenAPI components
+    stay references; the others (stream-only models) are inlined."""
+    schema = model.model_json_schema(ref_template="#/$defs/{model}")
+    defs = schema.pop("$defs", {})
+    components = {"Usage", "ChatChoiceLogprobs", "ChatTokenLogprob", "TopLogprob", "CompletionResponse",
+                  "CompletionChoice", "CompletionLogprobs"}
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                name = ref.removeprefix("#/$defs/")
+                if name in components:
+                    return {**node, "$ref": f"#/components/schemas/{name}"}
+                return resolve(defs[name])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)  # type: ignore[no-any-return]
+
+
+_COMPLETION_STREAM = {200: {
+    "description": "The completion (CompletionResponse). With stream: true, Server-Sent Events instead: "
+                   "'data: {CompletionResponse}' per chunk (one choice each: echoed prompt, text deltas, then a "
+                   "last chunk with finish_reason and logprobs), an optional usage chunk, then 'data: [DONE]'; "
+                   "a failure mid-stream sends 'data: {ErrorResponse}' before [DONE].",
+    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/CompletionResponse"}}}}}
+_CHAT_STREAM = {200: {
+    "description": "The chat completion (ChatCompletionResponse). With stream: true, Server-Sent Events "
+                   "instead: 'data: {ChatCompletionChunk}' per chunk (per choice a role chunk, content deltas, "
+                   "then a last chunk with finish_reason and logprobs), an optional usage chunk, then "
+                   "'data: [DONE]'; a failure mid-stream sends 'data: {ErrorResponse}' before [DONE].",
+    "content": {"text/event-stream": {"schema": _sse_schema(ChatCompletionChunk)}}}}
+
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, dependencies=[InferenceAuth], responses=_ERRORS)
 
 
@@ -141,13 +181,13 @@ def get_model(model: str, services: ServicesDep) -> ModelCard:
     return serving.get_model(services, model)
 
 
-@router.post("/v1/completions", response_model=CompletionResponse)
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_STREAM)
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
     """Text completion with the profile named by `model`; echo + logprobs score prompts (lm-eval)."""
     return _answer(await serving.create_completion(services, request, body))
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_CHAT_STREAM)
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
     """Chat completion through the model's chat template, with the profile named by `model`."""
     return _answer(await serving.create_chat_completion(services, request, body))

@@ -43,7 +43,9 @@ async def info(services: ServicesDep) -> Info:
     )
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition format (requests, latency, tokens, queue; per-profile labels).",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (per-profile labels)."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

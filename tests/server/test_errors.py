@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,25 +88,51 @@ def test_503_while_loading(tmp_path: Path) -> None:
         srv.stop()
 
 
+_FASTAPI_SCHEMAS = ("HTTPValidationError", "ValidationError")
+_NON_JSON = ("text/plain", "image/png", "application/octet-stream", "text/event-stream")
+
+
 def test_openapi_schema_is_complete(live: LiveServer) -> None:
+    """Every schema field has a description; every operation is documented, takes a model and answers one."""
     spec = live.client.get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
-    ours = ("ProfileCreate", "ProfileUpdate", "ProfilePublic", "ProfileList", "ProfileDryRun", "ProfileDeleted",
-            "MatrixEditReport", "GenerateRequest", "GenerateResponse", "GenerateChoice", "GenerateUsage",
-            "ScoreRequest", "ScoreResponse", "ContinuationScore", "PerplexityScore", "CompareRequest",
-            "CompareResponse", "CompareDiff", "GenerateDiff", "ScoreDiff", "TextDiff", "InterventionSpec")
-    for name in ours:
+    for name in ("ProfileCreate", "GenerateRequest", "CompletionRequest", "ChatCompletionResponse", "SweepJobCreate",
+                 "PromptFormat", "TokenizerInfo", "Info", "ErrorResponse"):
         assert name in schemas, name
-        for field, prop in schemas[name].get("properties", {}).items():
-            assert prop.get("description"), f"{name}.{field} has no description"
+    missing = [f"{name}.{field}" for name, schema in schemas.items() if name not in _FASTAPI_SCHEMAS
+               for field, prop in schema.get("properties", {}).items() if not prop.get("description")]
+    assert not missing, f"schema fields without a description: {missing}"
+    refs = set(re.findall(r'"\$ref": "([^"]+)"', json.dumps(spec)))
+    dangling = [r for r in refs if r.removeprefix("#/components/schemas/") not in schemas]
+    assert not dangling, dangling
+
+    assert spec["paths"]
     for path, ops in spec["paths"].items():
-        if path not in ("/v1/profiles", "/v1/profiles/{name}", "/v1/generate", "/v1/score", "/v1/compare"):
-            continue
         for method, op in ops.items():
-            assert op.get("description") or op.get("summary"), (path, method)
-            if path.startswith("/v1/") and method in ("post", "put"):
-                assert "requestBody" in op and "$ref" in str(op["requestBody"]), (path, method)
-            if path.startswith("/v1/"):
-                assert "$ref" in str(op["responses"]["200"]) or "$ref" in str(op["responses"].get("201")), (path, method)
+            where = f"{method.upper()} {path}"
+            assert op.get("description") or op.get("summary"), where
+            if method in ("post", "put"):
+                assert "requestBody" in op and "$ref" in json.dumps(op["requestBody"]), where
+            ok = {code: r for code, r in op["responses"].items() if code.startswith("2")}
+            assert ok, where
+            for code, response in ok.items():
+                content = response.get("content", {})
+                assert content, (where, code)
+                json_ref = "$ref" in json.dumps(content.get("application/json", {}))
+                other = [m for m in content if m != "application/json"]
+                assert json_ref or other, f"{where} {code} answers no JSON model nor a declared media type"
+                assert all(m in _NON_JSON for m in other), (where, code, other)
+                if not json_ref:  # non-JSON answers say what the bytes are
+                    assert "application/json" not in content, (where, code)
+                    assert response.get("description") not in (None, "", "Successful Response"), (where, code)
+                if "text/event-stream" in content:  # SSE: the event payload model is named and its schema given
+                    assert re.search(r"data: \{[A-Za-z]+\}", response.get("description", "")), where
+                    assert content["text/event-stream"].get("schema"), where
     stream = spec["paths"]["/v1/generate"]["post"]["responses"]["200"]["content"]
     assert "text/event-stream" in stream
+    for path, method, media in (("/metrics", "get", "text/plain"), ("/v1/jobs/{job_id}/plot.png", "get", "image/png"),
+                                ("/v1/exports/{name}/files/{file}", "get", "application/octet-stream"),
+                                ("/v1/jobs/{job_id}/events", "get", "text/event-stream"),
+                                ("/v1/completions", "post", "text/event-stream"),
+                                ("/v1/chat/completions", "post", "text/event-stream")):
+        assert media in spec["paths"][path][method]["responses"]["200"]["content"], (path, media)
