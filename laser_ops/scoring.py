@@ -105,6 +105,7 @@ class GenerationRequest:
     on_text: Callable[[str], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
     logprobs: int | None = None
+    on_first_token: Callable[[], None] | None = None  # called once, when the first token is chosen (TTFT)
 
     def __post_init__(self) -> None:
         # Fail at construction, where the caller can still map the error to a 400, not mid-batch.
@@ -428,6 +429,8 @@ class _GenState:
         self.req = req
         self.prompt = prompt
         self.tracker = _TextTracker(tokenizer, prompt[-1:], req.stop)
+        # Text is decoded every step only for stop strings and streaming; otherwise once at the end.
+        self.needs_text = bool(self.tracker.stop) or req.on_text is not None
         self.text = ""
         self.finish: Literal["stop", "length", "cancelled"] | None = None
         self.logprobs: list[float] = []
@@ -446,6 +449,8 @@ class _GenState:
 
     def end(self, reason: Literal["stop", "length", "cancelled"]) -> None:
         self.finish = reason
+        if not self.needs_text:
+            self.text = self.tracker.text()
         self._emit(final=True)
 
     def _emit(self, final: bool) -> None:
@@ -715,10 +720,12 @@ class HFScorer(Scorer):
                 results[i] = state.result()
         return results  # type: ignore[return-value]
 
-    def _step(self, state: _GenState, logits: torch.Tensor) -> None:
-        """Choose, record and account for one token of one request."""
+    def _step(self, state: _GenState, logits: torch.Tensor, greedy_token: int) -> None:
+        """Choose, record and account for one token of one request (``greedy_token``: the row's argmax)."""
         req = state.req
-        token = _sample(logits, req, state.generator)
+        token = greedy_token if state.generator is None else _sample(logits, req, state.generator)
+        if req.on_first_token is not None and not state.tracker.ids:
+            req.on_first_token()
         if token in self.eos_token_ids:
             state.end("stop")
             return
@@ -730,12 +737,16 @@ class HFScorer(Scorer):
                 values, indices = torch.topk(logp, min(req.logprobs, logp.numel()))
                 top = dict(zip(indices.tolist(), values.tolist()))
             state.top.append(top)
-        state.text, hit_stop = state.tracker.push(token)
+        if state.needs_text:
+            state.text, hit_stop = state.tracker.push(token)
+        else:  # nobody reads the text before the end: decode once, in end()
+            state.tracker.ids.append(token)
+            hit_stop = False
         if hit_stop:
             state.end("stop")
         elif len(state.tracker.ids) >= req.max_new_tokens:
             state.end("length")
-        else:
+        elif state.needs_text:
             state._emit(final=False)
 
     def _decode_batch(self, states: list[_GenState]) -> None:
@@ -767,11 +778,12 @@ class HFScorer(Scorer):
             logits = out.logits[:, -1, :].float()
             next_pos = positions[:, -1:] + 1
             while True:
+                greedy = logits.argmax(-1).tolist()  # one device sync per step, not one per request
                 for r, s in enumerate(active):
                     if s.cancelled():
                         s.end("cancelled")
                     else:
-                        self._step(s, logits[r])
+                        self._step(s, logits[r], greedy[r])
                 keep = [r for r, s in enumerate(active) if not s.done]
                 if not keep:
                     return

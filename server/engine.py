@@ -414,19 +414,21 @@ class Engine:
             item.resolve(res)
 
     def _instrument(self, req: GenerationRequest, item: _Item, profile: str) -> GenerationRequest:
-        user_cb = req.on_text
-        first = [True]
+        """Hook cancellation and time-to-first-token into the request.
 
-        def on_text(delta: str) -> None:
-            if first[0]:
-                first[0] = False
-                self.metrics.ttft_seconds.labels(profile).observe(time.perf_counter() - item.enqueued)
-            if user_cb is not None:
-                user_cb(delta)
-
+        TTFT uses ``on_first_token``, not a text callback: without a text callback the scorer decodes
+        text once at the end instead of every step (which matters on a GPU, where a step is fast).
+        """
         user_cancel = req.is_cancelled
-        return replace(req, on_text=on_text,
-                       is_cancelled=lambda: item.cancelled.is_set() or bool(user_cancel and user_cancel()))
+        cancel = (lambda: item.cancelled.is_set() or bool(user_cancel())) if user_cancel else item.cancelled.is_set
+        user_first = req.on_first_token
+
+        def on_first_token() -> None:
+            self.metrics.ttft_seconds.labels(profile).observe(time.perf_counter() - item.enqueued)
+            if user_first is not None:
+                user_first()
+
+        return replace(req, on_first_token=on_first_token, is_cancelled=cancel)
 
     def _op_loglikelihood(self, items: list[_Item], profile: str) -> None:
         flat = [pair for item in items for pair in item.payload]

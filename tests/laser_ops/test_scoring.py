@@ -351,6 +351,20 @@ def test_streaming_deltas_concatenate_to_text(scorer):
     assert len(pieces) > 1 and "".join(pieces) == r.text
 
 
+def test_text_decoded_once_at_the_end_equals_the_streamed_text(scorer):
+    """Without stop strings or a text callback the scorer decodes once at the end: same text, same ids."""
+    prompts = ["Paris", "The capital of", "A quick brown fox"]
+    firsts: list[int] = []
+    lazy = scorer.generate([GenerationRequest(prompt=p, max_new_tokens=12, on_first_token=lambda: firsts.append(1))
+                            for p in prompts])
+    streamed = scorer.generate([GenerationRequest(prompt=p, max_new_tokens=12, on_text=lambda d: None)
+                                for p in prompts])
+    assert [r.text for r in lazy] == [r.text for r in streamed]
+    assert [r.token_ids for r in lazy] == [r.token_ids for r in streamed]
+    assert all(r.text for r in lazy)
+    assert len(firsts) == len(prompts)  # once per request
+
+
 def test_text_tracker_holds_back_partial_utf8(tok):
     ids = tok("héllo 😀 wörld", add_special_tokens=False).input_ids
     tracker = _TextTracker(tok, [], ["wö"])
