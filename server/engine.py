@@ -119,6 +119,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._batch_seconds = 0.5  # moving estimate, for Retry-After
+        self._generate_seconds = 0.0  # moving estimate of a generate batch, for the batching wait
         self.batches_run = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -292,12 +293,17 @@ class Engine:
         return self._lanes[self._next_lane()]
 
     def _gather_batch(self) -> None:
-        """With the lock held: wait up to ``batch_wait_s`` for a fuller batch.
+        """With the lock held: wait a little for a fuller batch.
+
+        The wait is bounded by ``batch_wait_s`` or a tenth of a recent batch's duration, whichever is
+        longer (capped at 0.25 s): waiting costs at most ~10% of throughput, while a batch cut in two
+        halves it on a launch-bound GPU.
 
         It waits while fewer requests are queued than recent batches held, or while requests are still
         arriving (a burst: gaps under ``batch_quiet_s``). A lone request waits ``batch_quiet_s`` at most.
         """
-        deadline = time.perf_counter() + self.batch_wait_s
+        wait = min(0.25, max(self.batch_wait_s, 0.1 * self._generate_seconds))
+        deadline = time.perf_counter() + wait
         while not self._stopping and self._lanes:
             lane = self._oldest_lane()
             op = lane[0].op
@@ -389,6 +395,8 @@ class Engine:
         elapsed = time.perf_counter() - start
         self.batches_run += 1
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        if head.op == "generate":
+            self._generate_seconds = 0.8 * self._generate_seconds + 0.2 * elapsed
         self.metrics.inference_seconds.labels(label, head.op).observe(elapsed)
         self.metrics.batch_size.labels(label, head.op).observe(len(live))
 
