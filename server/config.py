@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     edit_cache_bytes: int = Field(1 << 30, ge=0, description="Bytes of materialised edited weights kept (LRU).")
     svd_cache_bytes: int = Field(2 << 30, ge=0, description="Bytes of in-memory SVD factors kept (LRU).")
     svd_disk_cache_bytes: int = Field(8 << 30, ge=0, description="Bytes of SVD factors persisted under data_dir/svd (0: off).")
+    profile_refresh_s: float = Field(2.0, ge=0, description=(
+        "Seconds between checks for profiles written by other replicas sharing the store (0: off)."))
     arch_spec: Path | None = Field(None, description="JSON file registering an extra architecture (see README).")
     log_level: str = Field("info", description="debug, info, warning, error.")
 

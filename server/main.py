@@ -21,6 +21,7 @@ from server.metrics import Metrics
 from server.routes import datasets, exports, inference, jobs, openai, profiles, system
 from server.serving import datasets as datasets_serving
 from server.serving import jobs as jobs_serving
+from server.serving import profiles as profiles_serving
 from server.state import build_services
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,8 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.state.metrics = metrics
     app.state.services = None
     app.state.startup_error = None
-    app.state.startup_hooks = [datasets_serving.startup, jobs_serving.startup]
-    app.state.shutdown_hooks = [jobs_serving.shutdown]
+    app.state.startup_hooks = [profiles_serving.startup, datasets_serving.startup, jobs_serving.startup]
+    app.state.shutdown_hooks = [profiles_serving.shutdown, jobs_serving.shutdown]
     app.add_middleware(RequestMetricsMiddleware)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

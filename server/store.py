@@ -1,4 +1,4 @@
-"""Durable state in one SQLite file: profiles here; datasets and jobs add their own tables.
+"""Durable state: one SQLite file by default; profiles here, datasets and jobs add their own tables.
 
 WAL journal with ``synchronous=FULL``: a committed write survives ``kill -9`` and power loss.
 Each call opens a short-lived connection, so stores are safe to use from any thread.
@@ -12,8 +12,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from laser_ops.interventions import InterventionSpec, parse_profile
 
@@ -72,12 +73,29 @@ class ProfileExistsError(KeyError):
     pass
 
 
-class ProfileStore:
-    """Named edit profiles. ``base`` is reserved (the unedited model) and never stored.
+class ProfileBackend(Protocol):
+    """Where profiles are stored: the seam for replicas that share them.
 
-    Reads hit an in-memory mirror (the engine resolves a profile per batch); writes go to SQLite
-    first and update the mirror only after the commit.
+    The SQLite backend serves one node (or several processes on one host sharing the data dir). A
+    Postgres or Redis backend implementing these five methods lets many replicas share one set of
+    profiles: each replica's :class:`ProfileStore` polls :meth:`revision` and reloads on change.
     """
+
+    def load_all(self) -> list[StoredProfile]: ...
+
+    def upsert(self, profile: StoredProfile, *, create_only: bool) -> StoredProfile:
+        """Store ``profile`` (keeping the original created_at on replace); ProfileExistsError if create_only."""
+        ...
+
+    def delete(self, name: str) -> bool: ...
+
+    def revision(self) -> int:
+        """A number that changes whenever any writer changes the profiles."""
+        ...
+
+
+class SqliteProfileBackend:
+    """Profiles in the shared SQLite file; a revision counter row tracks every change."""
 
     _DDL = """
     CREATE TABLE IF NOT EXISTS profiles (
@@ -86,26 +104,74 @@ class ProfileStore:
         interventions TEXT NOT NULL,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL
-    )
+    );
+    CREATE TABLE IF NOT EXISTS profile_revision (id INTEGER PRIMARY KEY CHECK (id = 0), value INTEGER NOT NULL);
+    INSERT OR IGNORE INTO profile_revision (id, value) VALUES (0, 0)
     """
 
     def __init__(self, db: Database) -> None:
         self.db = db
         db.ensure_schema(self._DDL)
+
+    def load_all(self) -> list[StoredProfile]:
+        with self.db.connect() as con:
+            rows = con.execute("SELECT * FROM profiles ORDER BY name").fetchall()
+        return [StoredProfile(r["name"], r["description"], parse_profile(json.loads(r["interventions"])),
+                              r["created_at"], r["updated_at"]) for r in rows]
+
+    def upsert(self, profile: StoredProfile, *, create_only: bool) -> StoredProfile:
+        payload = json.dumps([s.model_dump(exclude_none=True) for s in profile.interventions])
+        with self.db.transaction() as con:
+            row = con.execute("SELECT created_at FROM profiles WHERE name = ?", (profile.name,)).fetchone()
+            if row is not None and create_only:
+                raise ProfileExistsError(profile.name)
+            created = row["created_at"] if row is not None else profile.created_at
+            con.execute(
+                "INSERT OR REPLACE INTO profiles (name, description, interventions, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?)", (profile.name, profile.description, payload, created, profile.updated_at))
+            con.execute("UPDATE profile_revision SET value = value + 1 WHERE id = 0")
+        return replace(profile, created_at=created)
+
+    def delete(self, name: str) -> bool:
+        with self.db.transaction() as con:
+            deleted = con.execute("DELETE FROM profiles WHERE name = ?", (name,)).rowcount > 0
+            if deleted:
+                con.execute("UPDATE profile_revision SET value = value + 1 WHERE id = 0")
+        return deleted
+
+    def revision(self) -> int:
+        with self.db.connect() as con:
+            return int(con.execute("SELECT value FROM profile_revision WHERE id = 0").fetchone()[0])
+
+
+class ProfileStore:
+    """Named edit profiles. ``base`` is reserved (the unedited model) and never stored.
+
+    Reads hit an in-memory mirror (the engine resolves a profile per batch); writes go to the
+    backend first and update the mirror only after they committed. :meth:`refresh` picks up what
+    other replicas wrote (the server calls it every ``profile_refresh_s``).
+    """
+
+    def __init__(self, backend: ProfileBackend | Database) -> None:
+        self.backend: ProfileBackend = SqliteProfileBackend(backend) if isinstance(backend, Database) else backend
         self._lock = threading.Lock()
         self._cache: dict[str, StoredProfile] = {}
+        self._revision = -1
         self.reload()
 
     def reload(self) -> None:
-        with self.db.connect() as con:
-            rows = con.execute("SELECT * FROM profiles ORDER BY name").fetchall()
+        revision = self.backend.revision()
+        profiles = self.backend.load_all()
         with self._lock:
-            self._cache = {r["name"]: self._row(r) for r in rows}
+            self._cache = {p.name: p for p in profiles}
+            self._revision = revision
 
-    @staticmethod
-    def _row(r: sqlite3.Row) -> StoredProfile:
-        return StoredProfile(r["name"], r["description"], parse_profile(json.loads(r["interventions"])),
-                             r["created_at"], r["updated_at"])
+    def refresh(self) -> bool:
+        """Reload if another writer changed the profiles; True when it did."""
+        if self.backend.revision() == self._revision:
+            return False
+        self.reload()
+        return True
 
     def list(self) -> list[StoredProfile]:
         with self._lock:
@@ -132,23 +198,14 @@ class ProfileStore:
         if name in RESERVED_PROFILES:
             raise ProfileExistsError(name)
         now = time.time()
-        payload = json.dumps([s.model_dump(exclude_none=True) for s in interventions])
-        with self.db.transaction() as con:
-            row = con.execute("SELECT created_at FROM profiles WHERE name = ?", (name,)).fetchone()
-            if row is not None and create_only:
-                raise ProfileExistsError(name)
-            created = row["created_at"] if row is not None else now
-            con.execute(
-                "INSERT OR REPLACE INTO profiles (name, description, interventions, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?)", (name, description, payload, created, now))
-        stored = StoredProfile(name, description, list(interventions), created, now)
+        stored = self.backend.upsert(StoredProfile(name, description, list(interventions), now, now),
+                                     create_only=create_only)
         with self._lock:
             self._cache[name] = stored
         return stored
 
     def delete(self, name: str) -> bool:
-        with self.db.transaction() as con:
-            deleted = con.execute("DELETE FROM profiles WHERE name = ?", (name,)).rowcount > 0
+        deleted = self.backend.delete(name)
         with self._lock:
             self._cache.pop(name, None)
         return deleted

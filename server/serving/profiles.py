@@ -6,6 +6,11 @@ A replaced profile takes effect at the next batch: the engine resolves a profile
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+from fastapi import FastAPI
+
 from laser_ops.interventions import InterventionError, InterventionSpec
 from laser_ops.swap import EditReport
 from laser_ops.targets import TargetError
@@ -20,6 +25,8 @@ from server.protocol.profiles import (
 )
 from server.state import Services
 from server.store import RESERVED_PROFILES, ProfileExistsError, StoredProfile
+
+logger = logging.getLogger(__name__)
 
 
 def _reserved(name: str, action: str) -> ApiError:
@@ -110,3 +117,29 @@ def delete_profile(services: Services, name: str) -> ProfileDeleted:
     if not services.profiles.delete(name):
         raise ApiError(404, f"unknown profile {name!r}", ("path", "name"))
     return ProfileDeleted(name=name)
+
+
+# -- sharing profiles between replicas -------------------------------------------------------------
+
+
+async def _refresh_profiles(services: Services, every_s: float) -> None:
+    """Pick up profiles other replicas (or processes sharing the data dir) wrote."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            if await asyncio.to_thread(services.profiles.refresh):
+                logger.info("profiles changed elsewhere; reloaded %d", len(services.profiles.list()))
+        except Exception:  # a transient backend error must not end the loop
+            logger.exception("profile refresh failed")
+
+
+async def startup(app: FastAPI, services: Services) -> None:
+    every = services.settings.profile_refresh_s
+    if every > 0:
+        app.state.profile_refresher = asyncio.create_task(_refresh_profiles(services, every))
+
+
+async def shutdown(app: FastAPI) -> None:
+    task: asyncio.Task[None] | None = getattr(app.state, "profile_refresher", None)
+    if task is not None:
+        task.cancel()

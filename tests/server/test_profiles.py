@@ -182,3 +182,24 @@ def test_profiles_survive_kill_9(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_replicas_sharing_a_store_see_each_others_profiles(tmp_path: Path) -> None:
+    """Two servers on one data dir (the ProfileBackend seam): a profile created on A is served by B."""
+    a = start_server(tmp_path, tiny_loaded(), profile_refresh_s=0.05)
+    b = start_server(tmp_path, tiny_loaded(), profile_refresh_s=0.05)
+    try:
+        assert a.client.post("/v1/profiles", json={"name": "shared", "interventions": P1}).status_code == 201
+        deadline = time.time() + 10
+        while b.client.get("/v1/profiles/shared").status_code != 200:
+            assert time.time() < deadline, "replica B never saw the profile written on A"
+            time.sleep(0.05)
+        r = b.client.post("/v1/generate", json={"profile": "shared", "prompt": "Paris is", "max_new_tokens": 3})
+        assert r.status_code == 200
+        assert a.client.delete("/v1/profiles/shared").status_code == 200
+        while b.client.get("/v1/profiles/shared").status_code != 404:
+            assert time.time() < deadline, "replica B never saw the delete"
+            time.sleep(0.05)
+    finally:
+        a.stop()
+        b.stop()
