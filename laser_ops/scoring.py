@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -106,6 +106,7 @@ class GenerationRequest:
     is_cancelled: Callable[[], bool] | None = None
     logprobs: int | None = None
     on_first_token: Callable[[], None] | None = None  # called once, when the first token is chosen (TTFT)
+    tag: Hashable = None  # opaque to the scorer; reported to ``before_forward`` (e.g. the row's profile)
 
     def __post_init__(self) -> None:
         # Fail at construction, where the caller can still map the error to a 400, not mid-batch.
@@ -219,8 +220,13 @@ class Scorer(ABC):
         """Log-prob of every token of each sequence given the ones before it (first entry None)."""
 
     @abstractmethod
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate a continuation for each request; results in request order."""
+    def generate(self, requests: Sequence[GenerationRequest], *,
+                 before_forward: Callable[[list[GenerationRequest]], None] | None = None) -> list[GenerationResult]:
+        """Generate a continuation for each request; results in request order.
+
+        ``before_forward`` is called before every forward pass with the requests of the rows in that
+        pass, in row order (mixed-profile batches use it to route each row to its own weights).
+        """
 
     # ---- tokenization
 
@@ -702,7 +708,8 @@ class HFScorer(Scorer):
             )
         return ids
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[GenerationRequest], *,
+                 before_forward: Callable[[list[GenerationRequest]], None] | None = None) -> list[GenerationResult]:
         """See :meth:`Scorer.generate`.
 
         Requests are batched (similar prompt lengths together), left-padded with explicit position ids so
@@ -715,7 +722,7 @@ class HFScorer(Scorer):
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             states = [_GenState(requests[i], prompts[i], self.tokenizer, self.device) for i in idx]
-            self._decode_batch(states)
+            self._decode_batch(states, before_forward)
             for i, state in zip(idx, states):
                 results[i] = state.result()
         return results  # type: ignore[return-value]
@@ -749,7 +756,8 @@ class HFScorer(Scorer):
         elif state.needs_text:
             state._emit(final=False)
 
-    def _decode_batch(self, states: list[_GenState]) -> None:
+    def _decode_batch(self, states: list[_GenState],
+                      before_forward: Callable[[list[GenerationRequest]], None] | None = None) -> None:
         for s in states:
             if s.req.max_new_tokens == 0:
                 s.end("length")
@@ -770,6 +778,8 @@ class HFScorer(Scorer):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
+            if before_forward is not None:
+                before_forward([s.req for s in active])
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
@@ -794,6 +804,8 @@ class HFScorer(Scorer):
                     active = [active[r] for r in keep]
                 step_ids = torch.tensor([[s.tracker.ids[-1]] for s in active], dtype=torch.long, device=device)
                 mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+                if before_forward is not None:
+                    before_forward([s.req for s in active])
                 out = self.model(
                     input_ids=step_ids, attention_mask=mask, position_ids=next_pos,
                     past_key_values=cache, use_cache=True,

@@ -282,6 +282,25 @@ class WeightSwapper:
             evicted = self._edited.pop(old)
             self._edited_bytes -= evicted.numel() * evicted.element_size()
 
+    def overrides_for(self, specs: ProfileLike) -> dict[str, torch.Tensor]:
+        """Full parameters that would make the *live* model hold ``specs``: only those that differ.
+
+        For mixed-profile batches (:mod:`laser_ops.mixed`): the model keeps its live weights and the
+        rows of this profile use these tensors instead. Materialises into the cache like ``apply``.
+        """
+        prepared = self._prepare(specs)
+        for name, sig in prepared.signatures.items():
+            self._remember(name, sig, prepared.tensors[name])
+        out: dict[str, torch.Tensor] = {}
+        for name in set(prepared.signatures) | set(self.applied):
+            want = prepared.signatures.get(name)
+            if want == self.applied.get(name):
+                continue
+            param = self._params[name]
+            tensor = prepared.tensors[name] if want is not None else self._originals[name]
+            out[name] = tensor.to(param.device, param.dtype)
+        return out
+
     def warm(self, specs: ProfileLike) -> int:
         """Materialise a profile into the cache without applying it; returns tensors built."""
         prepared = self._prepare(specs)

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     default_profile: str = Field("base", description="Profile used when a request names none (pin production traffic here).")
     max_queue: int = Field(256, ge=1, description="Pending requests before 429 with Retry-After.")
     max_batch_size: int = Field(16, ge=1, le=512, description="Requests of one profile run together in one batch.")
+    mixed_batches: bool = Field(True, description=(
+        "Let generate requests of several profiles share one batch (each row still uses only its own profile's "
+        "weights, through per-row overrides of the matrices that differ). Off: one profile per batch."))
     max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt accepted, in tokens.")
     max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens / max_tokens accepted.")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted.")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from laser_ops.interventions import InterventionSpec
+from laser_ops.mixed import RowOverrides
 from laser_ops.scoring import GenerationRequest, GenerationResult, Scorer
 from laser_ops.swap import WeightSwapper
 
@@ -96,6 +97,7 @@ class Engine:
         batch_wait_s: float = 0.02,
         background_grace_s: float = 0.05,
         background_max_wait_s: float = 10.0,
+        mixed_batches: bool = True,
     ) -> None:
         self.swapper = swapper
         self.scorer = scorer
@@ -107,6 +109,9 @@ class Engine:
         #: (closed-loop clients resubmit a few ms after their batch ends; without the wait, batches fragment).
         self.batch_wait_s = batch_wait_s
         self.background_grace_s = background_grace_s
+        #: Generate requests of several profiles share one batch (see laser_ops.mixed); else one profile per batch.
+        self.mixed_batches = mixed_batches
+        self.mixed_batches_run = 0
         self.background_max_wait_s = background_max_wait_s
         self._last_foreground_end = 0.0
         #: Requests still arriving less than this apart (a burst) are gathered into one batch.
@@ -270,21 +275,27 @@ class Engine:
 
     def _take_batch(self) -> list[_Item]:
         profile = self._next_lane()
-        lane = self._lanes[profile]
-        head = lane.popleft()
-        batch, size = [head], head.size
-        if head.op in _BATCHED:
-            keep: deque[_Item] = deque()
-            while lane:
-                item = lane.popleft()
-                if item.op == head.op and size + item.size <= self.max_batch_size:
-                    batch.append(item)
-                    size += item.size
-                else:
-                    keep.append(item)
-            lane.extend(keep)
-        if not lane:
-            del self._lanes[profile]
+        head = self._lanes[profile][0]
+        if head.op == "generate" and self.mixed_batches and profile != _BACKGROUND:
+            lanes = [k for k in self._lanes if k != _BACKGROUND]  # every profile's generate requests
+        else:
+            lanes = [profile]
+        candidates = sorted((item for k in lanes for item in self._lanes[k]
+                             if item is head or (head.op in _BATCHED and item.op == head.op)),
+                            key=lambda i: (i is not head, i.enqueued))
+        batch, size = [], 0
+        for item in candidates:
+            if batch and size + item.size > self.max_batch_size:
+                break
+            batch.append(item)
+            size += item.size
+        taken = {id(i) for i in batch}
+        for k in lanes:
+            rest = deque(i for i in self._lanes[k] if id(i) not in taken)
+            if rest:
+                self._lanes[k] = rest
+            else:
+                del self._lanes[k]
         self._pending -= sum(i.size for i in batch)
         self.metrics.queue_depth.set(self._pending)
         return batch
@@ -309,7 +320,9 @@ class Engine:
             op = lane[0].op
             if op not in _BATCHED:
                 return
-            queued = sum(i.size for i in lane if i.op == op)
+            pool = ([i for k, l in self._lanes.items() if k != _BACKGROUND for i in l]
+                    if op == "generate" and self.mixed_batches else lane)
+            queued = sum(i.size for i in pool if i.op == op)
             now = time.perf_counter()
             remaining = deadline - now
             if queued >= self.max_batch_size or remaining <= 0:
@@ -317,7 +330,7 @@ class Engine:
             if queued < self._last_batch_size:  # recent batches were bigger: more requests are on their way
                 self._cond.wait(remaining)
                 continue
-            quiet = now - lane[-1].enqueued
+            quiet = now - max(i.enqueued for i in pool)
             if quiet >= self.batch_quiet_s:  # nothing arrived lately: go with what is queued
                 return
             self._cond.wait(min(remaining, self.batch_quiet_s - quiet))
@@ -377,7 +390,7 @@ class Engine:
         label = head.profile or "task"
         start = time.perf_counter()
         for item in live:
-            self.metrics.queue_seconds.labels(label).observe(start - item.enqueued)
+            self.metrics.queue_seconds.labels(item.profile or "task").observe(start - item.enqueued)
         before = dict(self.swapper.applied) if head.profile is None else None
         try:
             if head.profile is not None:
@@ -401,23 +414,52 @@ class Engine:
         self.metrics.batch_size.labels(label, head.op).observe(len(live))
 
     def _op_generate(self, items: list[_Item], profile: str) -> None:
+        """Generate for a batch whose rows may belong to several profiles.
+
+        The batch's first profile is live (applied by ``_run_batch``); rows of any other profile get
+        that profile's weights through per-row overrides of the few modules where it differs.
+        """
+        overrides: dict[str, dict[str, Any]] = {}
+        runnable: list[_Item] = []
+        for item in items:
+            other = item.profile
+            if other is not None and other != profile and other not in overrides:
+                try:
+                    overrides[other] = self.swapper.overrides_for(list(self.resolve_profile(other)))
+                except KeyError:
+                    item.resolve(error=UnknownProfile(other))
+                    continue
+                except Exception as exc:
+                    item.resolve(error=exc)
+                    continue
+            if other is None or other == profile or other in overrides:
+                runnable.append(item)
+        items = runnable
+        if not items:
+            return
         flat: list[GenerationRequest] = []
         owners: list[int] = []
         for idx, item in enumerate(items):
             for req in item.payload:
-                flat.append(self._instrument(req, item, profile))
+                flat.append(replace(self._instrument(req, item, item.profile or profile), tag=item.profile))
                 owners.append(idx)
+        rows = RowOverrides(self.swapper.model, {p: o for p, o in overrides.items() if o})
         try:
-            results = self.scorer.generate(flat)
+            with rows.installed():
+                results = self.scorer.generate(
+                    flat, before_forward=None if rows.empty else lambda reqs: rows.set_rows([r.tag for r in reqs]))
         except Exception as exc:
             for item in items:
                 item.resolve(error=exc)
             return
+        if len({i.profile for i in items}) > 1:
+            self.mixed_batches_run += 1
         per_item: list[list[GenerationResult]] = [[] for _ in items]
         for owner, res in zip(owners, results, strict=True):
             per_item[owner].append(res)
-            self.metrics.prompt_tokens.labels(profile).inc(res.n_prompt_tokens)
-            self.metrics.generated_tokens.labels(profile).inc(len(res.token_ids))
+            label = items[owner].profile or profile
+            self.metrics.prompt_tokens.labels(label).inc(res.n_prompt_tokens)
+            self.metrics.generated_tokens.labels(label).inc(len(res.token_ids))
         for item, res in zip(items, per_item, strict=True):
             item.resolve(res)
 

@@ -71,7 +71,7 @@ def build_services(settings: Settings, metrics: Metrics, loaded: LoadedModel | N
     db = Database(settings.db_path)
     profiles = ProfileStore(db)
     engine = Engine(swapper, scorer, profiles.specs, metrics, max_queue=settings.max_queue,
-                    max_batch_size=settings.max_batch_size)
+                    max_batch_size=settings.max_batch_size, mixed_batches=settings.mixed_batches)
     engine.start()
     metrics.set_active("base", None)
     logger.info("ready: %s with %d stored profiles", loaded.model_id, len(profiles.list()))

@@ -48,7 +48,7 @@ def test_concurrent_requests_equal_solo_runs(live: LiveServer) -> None:
         assert len({solo[(p, prompt, 12)] for p in ("base", "e1", "e2")}) == 3
 
     engine = live.app.state.services.engine
-    batches_before = engine.batches_run
+    batches_before, mixed_before = engine.batches_run, engine.mixed_batches_run
     order = cases[::2] + cases[1::2]  # interleave profiles in arrival order
 
     async def fire() -> list[str]:
@@ -62,10 +62,9 @@ def test_concurrent_requests_equal_solo_runs(live: LiveServer) -> None:
         assert texts == [solo[case] for case in order]
     batches = engine.batches_run - batches_before
     assert batches < 2 * len(order), f"no batching happened: {batches} batches for {2 * len(order)} requests"
-    m = c.get("/metrics").text
-    for p in ("base", "e1", "e2"):
-        assert _metric(m, f'laser_batch_size_sum{{op="generate",profile="{p}"}}') > \
-            _metric(m, f'laser_batch_size_count{{op="generate",profile="{p}"}}')
+    assert engine.mixed_batches_run > mixed_before, "no batch mixed profiles: the per-row path went untested"
+    m = c.get("/metrics").text  # batches are labelled by their live (first) profile
+    assert _metric(m, 'laser_batch_size_sum{op="generate"') > _metric(m, 'laser_batch_size_count{op="generate"')
 
 
 def test_scores_under_concurrency_equal_solo(live: LiveServer) -> None:
@@ -218,3 +217,24 @@ def test_background_task_waits_for_a_closed_loop_client() -> None:
         assert asyncio.run(scenario()) == ["fg1", "fg2", "bg"]
     finally:
         engine.stop()
+
+
+def test_one_profile_per_batch_when_mixing_is_off(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, tiny_loaded(), mixed_batches=False)
+    try:
+        c = srv.client
+        assert c.post("/v1/profiles", json={"name": "e1", "interventions": PROFILES["e1"]}).status_code == 201
+        solo = {p: c.post("/v1/generate", json={"profile": p, "prompt": PROMPTS[0], "max_new_tokens": 8}).json()
+                for p in ("base", "e1")}
+
+        async def fire() -> list[dict]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
+                rs = await asyncio.gather(*(ac.post("/v1/generate", json={
+                    "profile": p, "prompt": PROMPTS[0], "max_new_tokens": 8}) for p in ("base", "e1") * 6))
+            return [r.json() for r in rs]
+
+        for p, r in zip(("base", "e1") * 6, asyncio.run(fire()), strict=True):
+            assert r["choices"][0]["text"] == solo[p]["choices"][0]["text"]
+        assert srv.app.state.services.engine.mixed_batches_run == 0
+    finally:
+        srv.stop()
