@@ -1,11 +1,12 @@
 """One owner thread runs the model: it applies profiles and executes batches, nothing else does.
 
 Requests are queued per profile ("lanes"). The owner picks the lane whose oldest request has
-waited longest (FIFO across profiles: no lane starves, a request waits at most one batch per
-other profile ahead of it), takes every queued request of that lane with the same operation
-(up to ``max_batch_size``), makes the model hold that profile (a swap only when it differs),
-runs the batch, and hands results back to the event loop. A request is therefore only ever
-computed with its own profile's weights, and swaps happen between batches.
+waited longest (FIFO across profiles: no lane starves), takes every queued request of that lane
+with the same operation (up to ``max_batch_size``), makes the model hold that profile (a swap only
+when it differs), runs the batch, and hands results back to the event loop. With
+``mixed_batches``, generate requests of other profiles join the batch too: their rows get their
+own weights through per-row overrides (:mod:`laser_ops.mixed`). Either way a request is only
+ever computed with its own profile's weights, and swaps happen between batches.
 
 Sweep jobs submit *background* ``task`` items (one config per item). Background work yields to
 inference: it runs only when no inference is queued and none finished in the last
