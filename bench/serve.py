@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import server_process  # noqa: E402  (bench/server_process.py)
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -41,30 +42,9 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server", "--model", args.model, "--data-dir", str(data_dir), "--port", str(port),
-           "--device", args.device, "--max-batch-size", str(args.max_batch_size), "--log-level", "warning",
-           "--max-queue", str(max(256, 4 * args.concurrency))]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+    return server_process.start_server(["--model", args.model, "--data-dir", str(data_dir), "--device", args.device,
+                         "--max-batch-size", str(args.max_batch_size), "--max-queue", str(max(256, 4 * args.concurrency))], port)
 
 
 def chat_prompts(tokenizer) -> list[str]:
@@ -146,7 +126,7 @@ def main() -> None:
 
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="laser-bench-") as tmp:
-        port = free_port()
+        port = server_process.free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(args, Path(tmp) / "data", port)
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,35 +26,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import server_process  # noqa: E402  (bench/server_process.py)
+
 PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
            "The three primary colours are", "A short poem about the sea:"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server", "--model", args.model, "--data-dir", str(data_dir), "--port", str(port),
-           "--device", args.device, "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+    return server_process.start_server(["--model", args.model, "--data-dir", str(data_dir), "--device", args.device], port)
 
 
 async def latencies(url: str, n: int, concurrency: int, max_new: int) -> list[float]:
@@ -96,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
+        port = server_process.free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(args, Path(tmp), port)
         try:

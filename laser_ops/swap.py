@@ -234,7 +234,7 @@ class WeightSwapper:
                 for name in restores:
                     self._params[name].copy_(self._originals[name])
                     done.append(name)
-                for name, sig, tensor in writes:
+                for name, _sig, tensor in writes:
                     self._params[name].copy_(tensor)
                     done.append(name)
         except BaseException:
@@ -243,9 +243,9 @@ class WeightSwapper:
             raise
         for name in restores:
             del self.applied[name]
-        for name, sig, tensor in writes:
+        for name, sig, _tensor in writes:
             self.applied[name] = sig
-        for name, sig, tensor in writes:
+        for name, sig, tensor in writes:  # after marking them live, so the LRU cannot evict them
             self._remember(name, sig, tensor)
         self.current = parse_profile(specs)
         stats = SwapStats(len(writes) + len(restores), prepared.materialized,
