@@ -89,7 +89,9 @@ class _SamplingBase(BaseModel):
     stream: bool = Field(False, description="Send server-sent events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="With stream: true, e.g. include_usage.")
     stop: str | list[str] | None = Field(None, description="Stop strings; the text ends just before the first one.")
-    seed: int | None = Field(None, description="Reproducible sampling; choice j of a prompt uses seed + j.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
+                             description="Reproducible sampling (a signed 64-bit int); choice j of a prompt uses "
+                                         "seed + j.")
     presence_penalty: float | None = Field(None, description="Only 0 / unset.")
     frequency_penalty: float | None = Field(None, description="Only 0 / unset.")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty / unset.")

@@ -32,8 +32,9 @@ _NOT_FOUND = {404: {"description": "Unknown export (or file)."}}
 async def export_profile(name: ProfilePath, request: Request, services: ServicesDep,
                          body: ExportCreate | None = None) -> ExportPublic:
     """Write the profile as a Hugging Face folder (dense or factored) under the server's exports."""
-    request.state.profile = name
-    return await serving.export_profile(services, name, body or ExportCreate())
+    export = await serving.export_profile(services, name, body or ExportCreate())
+    request.state.profile = name  # only once the profile is known: a 404's raw name never becomes a label
+    return export
 
 
 @router.get("/v1/exports", response_model=ExportList, responses=_ERRORS)

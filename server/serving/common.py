@@ -28,6 +28,18 @@ def check_prompt_tokens(services: Services, n_tokens: int, loc: tuple[str | int,
         raise ApiError(413, f"prompt has {n_tokens} tokens; the limit is {limit} (max_prompt_tokens)", loc)
 
 
+#: Characters per token no tokenizer exceeds in practice: longer texts are refused before tokenizing.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def check_prompt_chars(services: Services, text: str, loc: tuple[str | int, ...], what: str = "prompt") -> None:
+    """413 for a text far over ``max_prompt_tokens`` by its length alone, so it is never tokenized."""
+    limit = services.settings.max_prompt_tokens
+    if len(text) > limit * MAX_CHARS_PER_TOKEN:
+        raise ApiError(413, f"{what} of {len(text)} characters is far over the {limit}-token limit "
+                            "(max_prompt_tokens)", loc)
+
+
 def check_new_tokens(services: Services, n: int, loc: tuple[str | int, ...]) -> None:
     limit = services.settings.max_new_tokens
     if not 0 <= n <= limit:

@@ -37,23 +37,16 @@ from server.protocol.inference import (
     TextDiff,
     GenerateUsage,
 )
-from server.serving.common import check_new_tokens, check_prompt_tokens, resolve_profile
+from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens, resolve_profile
 from server.state import Services
 
 T = TypeVar("T")
 Disconnected = Callable[[], Awaitable[bool]] | None
 Loc = tuple[str | int, ...]
 
-#: Characters per token no tokenizer exceeds in practice: longer texts are refused before tokenizing.
-_MAX_CHARS_PER_TOKEN = 32
-
-
 def _encode(services: Services, text: str, loc: Loc) -> list[int]:
     """Token ids of a prompt, refusing oversize prompts (cheap length check first, then the real count)."""
-    limit = services.settings.max_prompt_tokens
-    if len(text) > limit * _MAX_CHARS_PER_TOKEN:
-        raise ApiError(413, f"prompt of {len(text)} characters is far over the {limit}-token limit "
-                            "(max_prompt_tokens)", loc)
+    check_prompt_chars(services, text, loc)
     ids = services.scorer.encode(text)
     check_prompt_tokens(services, len(ids), loc)
     return ids
@@ -163,9 +156,7 @@ async def _run_score(services: Services, profile: str, params: ScoreParams, loc:
                      is_disconnected: Disconnected) -> ScoreResponse:
     engine, scorer = services.engine, services.scorer
     if params.text is not None:
-        limit = services.settings.max_prompt_tokens
-        if len(params.text) > limit * _MAX_CHARS_PER_TOKEN:
-            raise ApiError(413, f"text is far over the {limit}-token limit (max_prompt_tokens)", (*loc, "text"))
+        check_prompt_chars(services, params.text, (*loc, "text"), "text")
         check_prompt_tokens(services, len(scorer.encode(params.text)), (*loc, "text"))
         [rolled] = await engine.rolling(profile, [params.text], is_disconnected=is_disconnected)
         assert isinstance(rolled, RollingResult)

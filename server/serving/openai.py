@@ -50,7 +50,7 @@ from server.protocol.openai import (
     TopLogprob,
     Usage,
 )
-from server.serving.common import check_new_tokens, check_prompt_tokens
+from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens
 from server.state import Services
 
 DEFAULT_COMPLETION_TOKENS = 16
@@ -179,6 +179,7 @@ def _prompt_ids(services: Services, prompt: Any) -> list[list[int]]:
     for i, item in enumerate(items):
         loc: tuple[str | int, ...] = ("body", "prompt") if len(items) == 1 else ("body", "prompt", i)
         if isinstance(item, str):
+            check_prompt_chars(services, item, loc)
             ids = scorer.encode(item)
         else:
             ids = list(item)
@@ -561,6 +562,8 @@ class _Chat:
     def __init__(self, services: Services, request: Request, body: ChatCompletionRequest) -> None:
         self.services, self.request, self.body = services, request, body
         self.profile = resolve_model(services, request, body.model)
+        check_prompt_chars(services, "".join(m.as_template_input()["content"] for m in body.messages),
+                           ("body", "messages"), "chat")
         self.ids = render_chat(services, body.messages, add_generation_prompt=body.add_generation_prompt,
                                continue_final_message=body.continue_final_message,
                                extra=body.chat_template_kwargs)

@@ -66,3 +66,10 @@ def test_streamed_request_is_timed_to_its_end(live: LiveServer) -> None:
     queue = value(m, "laser_queue_duration_seconds_sum", profile="base")
     infer = value(m, "laser_inference_duration_seconds_sum", profile="base")
     assert e2e >= infer and e2e >= queue
+
+
+def test_unknown_profile_on_export_adds_no_profile_label(live: LiveServer) -> None:
+    """A 404 for an unknown profile must not mint a metrics label from the request's raw input."""
+    c = live.client
+    assert c.post("/v1/profiles/no-such-profile-123/export", json={}).status_code == 404
+    assert 'profile="no-such-profile-123"' not in c.get("/metrics").text

@@ -361,3 +361,41 @@ def test_smollm2_lm_eval_loglikelihood_and_chat(tmp_path: Path, smollm2: object)
         assert chat.choices[0].message.content.strip()
     finally:
         server.stop()
+
+
+def test_out_of_range_seed_is_a_400_naming_seed(srv: LiveServer) -> None:
+    """A seed torch cannot take (> 64 bits) is refused up front, not a 500 from the engine."""
+    for path, body in (("/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}],
+                                                 "max_tokens": 2})):
+        r = srv.client.post(path, json={**body, "temperature": 1.0, "seed": 2**64})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "seed"
+
+
+def test_oversize_text_prompt_is_refused_before_tokenizing(srv: LiveServer) -> None:
+    """Like the native routes: a prompt far over max_prompt_tokens in characters is a 413 without tokenizing."""
+    services = srv.app.state.services
+    calls = []
+    original = services.scorer.encode
+    services.scorer.encode = lambda text: calls.append(len(text)) or original(text)  # type: ignore[method-assign]
+    try:
+        r = srv.client.post("/v1/completions", json={"model": "base", "prompt": "ab " * 2000, "max_tokens": 1})
+    finally:
+        services.scorer.encode = original  # type: ignore[method-assign]
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["param"] == "prompt"
+    assert calls == []
+
+
+def test_oversize_chat_is_refused_before_rendering(srv: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.serving import openai as openai_serving
+
+    calls = []
+    original = openai_serving.render_chat
+    monkeypatch.setattr(openai_serving, "render_chat", lambda *a, **k: calls.append(1) or original(*a, **k))
+    r = srv.client.post("/v1/chat/completions", json={"model": "base", "max_tokens": 1,
+                                                      "messages": [{"role": "user", "content": "ab " * 2000}]})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["param"] == "messages"
+    assert calls == []
