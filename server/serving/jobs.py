@@ -657,8 +657,11 @@ def promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePub
         raise ApiError(422, f"the winner's interventions are invalid: {e}", ("path", "job_id")) from None
     profiles_serving.plan(services, specs)
     base = rows.get("base")
+    def pct(row: Any) -> str:
+        return "n/a" if row is None or row.val_accuracy is None else f"{row.val_accuracy:.4f}"
+
     description = body.description or (
         f"promoted from sweep {job_id} on {job.dataset}: {best.key}, validation accuracy "
-        f"{best.val_accuracy:.4f} (base {base.val_accuracy if base else float('nan'):.4f})")
+        f"{pct(best)} (base {pct(base)})")
     services.profiles.put(body.name, specs, description)
     return profiles_serving.get_profile(services, body.name)
