@@ -145,7 +145,7 @@ class Candidate:
 
     @property
     def key(self) -> str:
-        rho = "" if self.rho is None else f":{self.rho:g}"
+        rho = "" if self.rho is None else f":{_rho_text(self.rho)}"
         seed = f":seed={self.seed}" if self.kind == "random_basis" else ""
         return f"{self.kind}:{self.type}:{self.layer}{rho}{seed}"
 
@@ -159,6 +159,12 @@ class Candidate:
         if self.kind == "random_basis":
             out["seed"] = self.seed
         return out
+
+
+def _rho_text(rho: float) -> str:
+    """``rho`` short (``0.01``, ``1``) but exact: ``:g`` alone rounds to 6 digits, so 0.1 and 0.1000001 collide."""
+    text = f"{rho:g}"
+    return text if float(text) == rho else repr(float(rho))
 
 
 def profile_key(candidates: Sequence[Candidate]) -> str:

@@ -13,7 +13,7 @@ projection (q, k or v), so ``q_proj`` works on GPT-2 and GPT-NeoX exactly as on 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -210,6 +210,7 @@ class ModelTargets:
     layer_prefix: str
     num_layers: int
     _param_names: dict[int, str] = field(default_factory=dict, repr=False)
+    _refs: dict[tuple[str, int], TargetRef] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, model: nn.Module, spec: ArchSpec | None = None) -> ModelTargets:
@@ -265,6 +266,9 @@ class ModelTargets:
         if slot is None:
             raise TargetError(f"architecture {self.spec.name!r} has no {type_!r}; its types are {list(self.types)}")
         (layer,) = self.normalize_layers(layer)
+        cached = self._refs.get((type_, layer))
+        if cached is not None:  # every apply re-expands its profile: resolve each matrix once
+            return cached
         module_name = f"{self.layer_prefix}.{layer}.{slot.module}"
         module = self.model.get_submodule(module_name)
         weight = module.weight
@@ -275,7 +279,9 @@ class ModelTargets:
             rows = self._fused_rows(out_dim, slot.fused)
             out_dim = len(rows)
         param_name = self._param_names.get(id(weight), f"{module_name}.weight")
-        return TargetRef(type_, layer, module_name, param_name, (int(out_dim), int(in_dim)), transposed, rows)
+        ref = TargetRef(type_, layer, module_name, param_name, (int(out_dim), int(in_dim)), transposed, rows)
+        self._refs[(type_, layer)] = ref
+        return ref
 
     def _fused_rows(self, fused_out: int, fused: FusedSlice) -> tuple[int, ...]:
         block = fused_out // 3
@@ -352,7 +358,3 @@ def write_matrix(full: torch.Tensor, ref: TargetRef, logical: torch.Tensor) -> N
         view.copy_(logical)
     else:
         view.index_copy_(0, ref.row_index(view.device), logical.to(view.dtype))
-
-
-def unique_keys(refs: Sequence[TargetRef]) -> list[str]:
-    return [r.key for r in refs]

@@ -80,7 +80,10 @@ class _Item:
             else:
                 self.future.set_result(value)
 
-        self.loop.call_soon_threadsafe(_set)
+        try:
+            self.loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # the loop is closed: nobody awaits this future, and the owner thread must live on
+            logger.debug("result for a closed event loop dropped")
 
 
 class Engine:
@@ -390,16 +393,22 @@ class Engine:
         head = live[0]
         label = head.profile or "task"
         start = time.perf_counter()
-        for item in live:
-            self.metrics.queue_seconds.labels(item.profile or "task").observe(start - item.enqueued)
-        before = dict(self.swapper.applied) if head.profile is None else None
         try:
             if head.profile is not None:
                 self._activate(head.profile)
         except Exception as exc:
+            # Only the head's profile failed: rows of other profiles (a mixed batch) run under their own.
+            rest = [item for item in live if item.profile != head.profile]
             for item in live:
-                item.resolve(error=exc)
+                if item.profile == head.profile:
+                    item.resolve(error=exc)
+            if rest:
+                self._run_batch(rest)
             return
+        for item in live:
+            self.metrics.queue_seconds.labels(item.profile or "task").observe(start - item.enqueued)
+        # A task may leave other weights live, with or without a profile of its own.
+        before = dict(self.swapper.applied) if head.op == "task" else None
         run = getattr(self, f"_op_{head.op}")
         run(live, label)
         if before is not None and self.swapper.applied != before:

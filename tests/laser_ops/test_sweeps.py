@@ -236,3 +236,10 @@ def test_sweep_on_smollm2_epistemic() -> None:
         ref = evaluate_multiple_choice(scorer, runner.split.validation)
     assert row.val_correct == ref.correct
     assert result.test is not None and result.test.base.n == 16
+
+
+def test_candidate_keys_of_close_rhos_do_not_collide() -> None:
+    """Keys identify rows across restarts: two rhos that differ past 6 digits are two configs, not one."""
+    a, b = Candidate("laser", "fc_in", 0, 0.1), Candidate("laser", "fc_in", 0, 0.1000001)
+    assert a.key == "laser:fc_in:0:0.1" and a.key != b.key
+    assert Candidate("laser", "fc_in", 0, 1.0).key == "laser:fc_in:0:1"  # persisted keys unchanged

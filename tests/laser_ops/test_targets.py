@@ -152,6 +152,15 @@ def test_negative_layers_count_from_the_end(models, arch):
     assert mt.normalize_layers([-1, 2, 0]) == [2, 0]  # duplicates after normalisation collapse
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_refs_are_resolved_once(models, arch):
+    """Every apply re-expands its profile; module lookups and fused row tuples are built once per matrix."""
+    mt = ModelTargets.of(models[arch])
+    first = mt.resolve("all", range(mt.num_layers))
+    assert all(a is b for a, b in zip(first, mt.resolve("all", range(mt.num_layers)), strict=True))
+    assert mt.ref("fc_in", -1) is mt.ref("fc_in", mt.num_layers - 1)
+
+
 @pytest.mark.parametrize("layer", [3, -4, 100])
 def test_layer_out_of_range_names_the_allowed_range(models, layer):
     mt = ModelTargets.of(models["llama"])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 
-from laser_ops.scoring import HFScorer
+from laser_ops.scoring import GenerationRequest, HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
-from server.engine import Engine
+from server.engine import Engine, UnknownProfile
 from server.metrics import Metrics
 from tests.server.conftest import LiveServer, start_server, tiny_loaded
 
@@ -238,3 +238,68 @@ def test_one_profile_per_batch_when_mixing_is_off(tmp_path: Path) -> None:
         assert srv.app.state.services.engine.mixed_batches_run == 0
     finally:
         srv.stop()
+
+
+def _engine_with_profiles(profiles: dict[str, list[dict]]) -> Engine:
+    loaded = tiny_loaded()
+    swapper = WeightSwapper(loaded.model, svd_cache=SvdCache(loaded.fingerprint))
+    engine = Engine(swapper, HFScorer(loaded.model, loaded.tokenizer), {"base": [], **profiles}.__getitem__,
+                    Metrics())
+    engine.start()
+    return engine
+
+
+def test_failed_activation_fails_only_its_own_profile_in_a_mixed_batch() -> None:
+    """The head's profile vanished (deleted after submission): other profiles' rows of the batch still run."""
+    engine = _engine_with_profiles({"e1": PROFILES["e1"]})
+
+    async def scenario() -> list[object]:
+        gate = threading.Event()
+        blocker = asyncio.create_task(engine.run_task(lambda s, c: gate.wait(10)))
+        await asyncio.sleep(0.05)  # the owner is busy: both requests below land in one batch
+        gone = asyncio.create_task(engine.generate("gone", [GenerationRequest(prompt="a", max_new_tokens=2)]))
+        await asyncio.sleep(0.01)
+        ok = asyncio.create_task(engine.generate("e1", [GenerationRequest(prompt="a", max_new_tokens=2)]))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        return await asyncio.gather(gone, ok, return_exceptions=True)
+
+    try:
+        gone, ok = asyncio.run(scenario())
+        assert isinstance(gone, UnknownProfile)
+        assert isinstance(ok, list) and len(ok) == 1 and ok[0].finish_reason == "length"
+        assert engine.active_profile == "e1"
+    finally:
+        engine.stop()
+
+
+def test_task_on_a_profile_that_leaves_other_weights_clears_the_active_profile() -> None:
+    engine = _engine_with_profiles({"e1": PROFILES["e1"]})
+
+    async def scenario() -> None:
+        await engine.run_task(lambda s, c: s.apply(PROFILES["e2"]), profile="e1")
+
+    try:
+        asyncio.run(scenario())
+        assert engine.active_profile is None  # e2's weights are live, not e1's
+    finally:
+        engine.stop()
+
+
+def test_owner_thread_survives_results_for_a_closed_event_loop() -> None:
+    engine = _bare_engine()
+    gate = threading.Event()
+
+    async def abandon() -> None:
+        asyncio.create_task(engine.run_task(lambda s, c: gate.wait(10)))
+        await asyncio.sleep(0.05)  # the owner runs it; its loop closes before the result comes back
+        asyncio.create_task(engine.run_task(lambda s, c: 1))
+        await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(abandon())
+        gate.set()
+        assert asyncio.run(asyncio.wait_for(engine.run_task(lambda s, c: 2), 10)) == 2
+    finally:
+        engine.stop()
