@@ -108,6 +108,7 @@ class WeightSwapper:
         self.svd_method = svd_method
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
         self._originals: dict[str, torch.Tensor] = {}
+        self._device_originals: dict[str, torch.Tensor] = {}  # only for mixed-batch overrides on an accelerator
         self._edited: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._edited_bytes = 0
         self.applied: dict[str, str] = {}  # param name -> signature live in the model (the one source of truth)
@@ -297,9 +298,19 @@ class WeightSwapper:
             if want == self.applied.get(name):
                 continue
             param = self._params[name]
-            tensor = prepared.tensors[name] if want is not None else self._originals[name]
+            tensor = prepared.tensors[name] if want is not None else self._original_on(name, param.device)
             out[name] = tensor.to(param.device, param.dtype)
         return out
+
+    def _original_on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The original of ``name`` on ``device``; device copies are kept so mixed batches on a GPU do not
+        re-send it every batch (the CPU copy stays the one revert restores from)."""
+        if device.type == "cpu":
+            return self._originals[name]
+        cached = self._device_originals.get(name)
+        if cached is None:
+            cached = self._device_originals[name] = self._originals[name].to(device)
+        return cached
 
     def warm(self, specs: ProfileLike) -> int:
         """Materialise a profile into the cache without applying it; returns tensors built."""

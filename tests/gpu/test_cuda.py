@@ -52,3 +52,28 @@ def test_generation_on_cuda_bf16_batched_equals_solo(arch: str) -> None:
     batched = scorer.generate([GenerationRequest(prompt=p, max_new_tokens=8) for p in prompts])
     solo = [scorer.generate([GenerationRequest(prompt=p, max_new_tokens=8)])[0] for p in prompts]
     assert [r.token_ids for r in batched] == [r.token_ids for r in solo]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_profile_rows_on_cuda_match_solo_runs(arch: str) -> None:
+    from laser_ops.mixed import RowOverrides
+
+    model = make_tiny_model(arch).to("cuda")
+    scorer = HFScorer(model, tiny_tokenizer())
+    swapper = WeightSwapper(model, svd_cache=SvdCache(model_fingerprint(model), device="cuda"), cache_device="cuda")
+    profiles = {"base": [], "a": [{"target": "mlp", "layer": -1, "rank_fraction": 0.1}]}
+    prompts = ["The capital of France is", "A quick brown fox"]
+    solo = {}
+    for name, specs in profiles.items():
+        swapper.apply(specs)
+        solo[name] = [r.token_ids for r in scorer.generate([GenerationRequest(prompt=p, max_new_tokens=8)
+                                                             for p in prompts])]
+    assert solo["base"] != solo["a"]
+    # profile "a" is live: base rows need the originals, which come from device copies
+    overrides = {name: swapper.overrides_for(specs) for name, specs in profiles.items()}
+    assert all(t.device.type == "cuda" for o in overrides.values() for t in o.values())
+    rows = RowOverrides(model, {k: v for k, v in overrides.items() if v})
+    reqs = [GenerationRequest(prompt=p, max_new_tokens=8, tag=name) for name in profiles for p in prompts]
+    with rows.installed():
+        mixed = scorer.generate(reqs, before_forward=lambda rs: rows.set_rows([r.tag for r in rs]))
+    assert [r.token_ids for r in mixed] == solo["base"] + solo["a"]
