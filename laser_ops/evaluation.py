@@ -7,28 +7,28 @@
 - perplexity (sliding window), used as an optional guard against edits that wreck the model.
 
 Every report keeps per-example outcomes so two runs on the same examples can be compared with the
-exact McNemar test; accuracies carry a 95% Wilson interval.
+exact McNemar test; accuracies carry a 95% Wilson interval. Every report also carries
+:class:`LabelMetrics`: the majority-class baseline of its examples, how concentrated the model's
+answers are (``collapsed`` when one answer covers >= 95%), balanced accuracy and macro-F1, so a
+result that only moved the model's label bias is visible as such.
 
-:class:`FastChoiceEvaluator` scores one fixed multiple-choice set under many edit profiles much
-faster than the plain path, with the same predictions (see its docstring for how).
+:class:`~laser_ops.fast_choice.FastChoiceEvaluator` scores one fixed multiple-choice set under many
+edit profiles much faster than the plain path, with the same predictions.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, Field
 from scipy.stats import binomtest, norm
 
-from laser_ops.datasets import Dataset
-from laser_ops.scoring import ChoicePrediction, GenerationRequest, HFScorer, Scorer
-from laser_ops.swap import ProfileLike, WeightSwapper
+from laser_ops.datasets import Dataset, Example
+from laser_ops.scoring import ChoicePrediction, GenerationRequest, Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,31 @@ class ExampleOutcome(BaseModel):
     gold_logprob: float | None = None
 
 
+#: A config whose most frequent answer covers at least this share of examples is ``collapsed``.
+COLLAPSE_SHARE = 0.95
+
+
+class LabelMetrics(BaseModel):
+    """What accuracy alone hides: the label bias of a split and of a model's answers.
+
+    ``majority_accuracy`` is what always answering ``majority_label`` scores on the same examples
+    (the constant predictor every result must beat); ``top_answer_share`` is how often the model
+    gave its most frequent answer, and ``collapsed`` flags a model that (nearly) always answers
+    the same thing. ``balanced_accuracy`` (mean recall per gold label) and ``macro_f1`` exist for
+    multiple choice only.
+    """
+
+    majority_label: str | None = Field(None, description="The answer that is correct most often in this split.")
+    majority_accuracy: float = Field(0.0, description="Accuracy of always answering majority_label.")
+    top_answer: str | None = Field(None, description="The model's most frequent answer.")
+    top_answer_share: float = Field(0.0, description="Share of examples given top_answer.")
+    collapsed: bool = Field(False, description=f"top_answer_share >= {COLLAPSE_SHARE}: one answer for (nearly) all.")
+    balanced_accuracy: float | None = Field(None, description="Mean per-label recall (multiple choice).")
+    macro_f1: float | None = Field(None, description="Mean per-label F1 (multiple choice).")
+
+
 class EvalReport(BaseModel):
-    """Accuracy with its Wilson interval, mean gold log-loss, and the per-example outcomes."""
+    """Accuracy with its Wilson interval, mean gold log-loss, label metrics, and the per-example outcomes."""
 
     metric: MetricName
     n: int
@@ -59,6 +82,7 @@ class EvalReport(BaseModel):
     log_loss: float | None = None
     perplexity: float | None = None
     skipped: int = Field(0, description="Examples the metric does not apply to (e.g. multi-token answers for top-k).")
+    labels: LabelMetrics | None = None
     outcomes: list[ExampleOutcome] = Field(default_factory=list)
 
     @property
@@ -70,14 +94,15 @@ class EvalReport(BaseModel):
         return self.model_dump(exclude={"outcomes"})
 
 
-def _report(metric: MetricName, outcomes: list[ExampleOutcome], skipped: int = 0) -> EvalReport:
+def _report(metric: MetricName, outcomes: list[ExampleOutcome], skipped: int = 0,
+            labels: LabelMetrics | None = None) -> EvalReport:
     n = len(outcomes)
     k = sum(o.correct for o in outcomes)
     lo, hi = wilson_interval(k, n)
     gold = [o.gold_logprob for o in outcomes if o.gold_logprob is not None]
     log_loss = -math.fsum(gold) / len(gold) if gold else None
     return EvalReport(metric=metric, n=n, n_correct=k, accuracy=k / n if n else 0.0, ci_low=lo, ci_high=hi,
-                      log_loss=log_loss, skipped=skipped, outcomes=outcomes)
+                      log_loss=log_loss, skipped=skipped, labels=labels, outcomes=outcomes)
 
 
 def report_from_predictions(dataset: Dataset, predictions: Sequence[ChoicePrediction]) -> EvalReport:
@@ -88,7 +113,77 @@ def report_from_predictions(dataset: Dataset, predictions: Sequence[ChoicePredic
         ExampleOutcome(id=ex.id, correct=p.index in ex.correct, prediction=p.index, gold_logprob=p.logprobs[ex.gold])
         for ex, p in zip(dataset.examples, predictions)
     ]
-    return _report("classification_accuracy", outcomes)
+    return _report("classification_accuracy", outcomes,
+                   labels=label_metrics(dataset, [o.prediction for o in outcomes], [o.correct for o in outcomes]))
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def answer_text(example: Example, prediction: int | str | None) -> str:
+    """The answer a prediction stands for: the chosen choice's text (MC) or the stripped generation."""
+    if prediction is None:
+        return ""
+    if isinstance(prediction, int) and example.choices:
+        return example.choices[prediction]
+    return " ".join(str(prediction).split()).lower()
+
+
+def _accepted(example: Example) -> set[str]:
+    """Answers that are right for this example (MC: the correct choices' texts)."""
+    if example.choices:
+        return {example.choices[i] for i in example.correct}
+    return {" ".join(t.split()).lower() for t in example.targets}
+
+
+def constant_correct(dataset: Dataset, label: str) -> list[bool]:
+    """Per-example correctness of the constant predictor that always answers ``label``."""
+    if dataset.kind == "multiple_choice":
+        return [label in _accepted(e) for e in dataset.examples]
+    return [answer_in(label, e.targets) for e in dataset.examples]
+
+
+def majority_label(dataset: Dataset) -> tuple[str | None, float]:
+    """The answer right most often in ``dataset`` and the accuracy of always giving it (ties: first in order)."""
+    counts: dict[str, int] = {}
+    for e in dataset.examples:
+        for label in sorted(_accepted(e)):
+            counts[label] = counts.get(label, 0) + 1
+    if not counts:
+        return None, 0.0
+    label = max(counts, key=lambda k: (counts[k], -list(counts).index(k)))
+    return label, sum(constant_correct(dataset, label)) / len(dataset.examples)
+
+
+def label_metrics(dataset: Dataset, predictions: Sequence[int | str | None], correct: Sequence[bool],
+                  *, majority: tuple[str | None, float] | None = None) -> LabelMetrics:
+    """Majority baseline, answer concentration, balanced accuracy and macro-F1 of one set of predictions."""
+    examples = dataset.examples
+    if len(predictions) != len(examples) or len(correct) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions / {len(correct)} outcomes for {len(examples)} examples")
+    label, base_acc = majority if majority is not None else majority_label(dataset)
+    answers = [answer_text(e, p) for e, p in zip(examples, predictions)]
+    counts: dict[str, int] = {}
+    for a in answers:
+        counts[a] = counts.get(a, 0) + 1
+    top = max(counts, key=lambda k: (counts[k], -answers.index(k))) if counts else None
+    share = counts[top] / len(answers) if top is not None else 0.0
+    balanced = f1 = None
+    if dataset.kind == "multiple_choice" and examples:
+        golds = [e.choices[e.gold] for e in examples]
+        recalls, f1s = [], []
+        for g in dict.fromkeys(golds):
+            mine = [i for i, x in enumerate(golds) if x == g]
+            tp = sum(correct[i] for i in mine)
+            recall = tp / len(mine)
+            said = [i for i, a in enumerate(answers) if a == g]
+            precision = sum(correct[i] for i in said) / len(said) if said else 0.0
+            recalls.append(recall)
+            f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+        balanced, f1 = sum(recalls) / len(recalls), sum(f1s) / len(f1s)
+    return LabelMetrics(majority_label=label, majority_accuracy=base_acc, top_answer=top, top_answer_share=share,
+                        collapsed=len(answers) > 1 and share >= COLLAPSE_SHARE, balanced_accuracy=balanced,
+                        macro_f1=f1)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -135,7 +230,8 @@ def evaluate_generation(
         ExampleOutcome(id=ex.id, correct=answer_in(r.text, ex.targets), prediction=r.text, gold_logprob=g)
         for ex, r, g in zip(dataset.examples, results, gold)
     ]
-    return _report("generation_accuracy", outcomes)
+    return _report("generation_accuracy", outcomes,
+                   labels=label_metrics(dataset, [o.prediction for o in outcomes], [o.correct for o in outcomes]))
 
 
 def evaluate_top_k(scorer: Scorer, dataset: Dataset, *, k: int = 10) -> EvalReport:
@@ -247,375 +343,8 @@ def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool], *, alpha
     return McNemarResult(only_a, only_b, p, alpha, verdict)
 
 
-# ---------------------------------------------------------------------------------------------- fast path
-
-
-#: Llama-family models whose decoder layers can be driven directly (plain RoPE, full causal attention).
-FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class _KV:
-    """Duck-typed stand-in for a transformers ``Cache``: attention layers only call ``update``.
-
-    ``record`` keeps each layer's keys/values (the shared prompt prefix); ``prefix`` puts the
-    recorded ones in front of a batch's own; ``fixed`` ignores the new ones and returns the stored
-    full keys/values (the last layer, run at scored positions only).
-    """
-
-    def __init__(self, store: dict[int, tuple[torch.Tensor, torch.Tensor]], mode: str) -> None:
-        self.store = store
-        self.mode = mode
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mode == "record":
-            self.store[layer_idx] = (key, value)
-            return key, value
-        if self.mode == "fixed":
-            return self.store[layer_idx]
-        pk, pv = self.store[layer_idx]
-        b = key.shape[0]
-        return (torch.cat([pk.expand(b, -1, -1, -1), key], dim=2),
-                torch.cat([pv.expand(b, -1, -1, -1), value], dim=2))
-
-
-@dataclass
-class _Rows:
-    """Padded packed rows (or the shared prefix row) and everything that does not depend on weights."""
-
-    ids: torch.Tensor  # (B, T)
-    positions: torch.Tensor  # (B, T)
-    mask: torch.Tensor  # (B, 1, T, P + T): bool (sdpa) or additive float (eager)
-    sel_cols: torch.Tensor | None = None  # (B, S) columns of the scored positions, padded with 0
-    sel_mask: torch.Tensor | None = None  # (B, 1, S, P + T)
-    sel_flat: torch.Tensor | None = None  # (N,) index into the flattened (B * S) scored positions
-    targets: torch.Tensor | None = None  # (N,)
-    spans: list[tuple[int, int, int, int]] | None = None  # (item, choice, start, stop) into the N scores
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-
-
-class FastChoiceEvaluator:
-    """Multiple-choice predictions for one fixed item set under many edit profiles, fast.
-
-    Equal to ``scorer.predict_choices(items)`` (same tokenization via ``scorer.encode_pair``, same
-    truncation, ties to the lowest index) but much cheaper per profile:
-
-    - all candidates of a prompt share one packed row: the prompt once, then each candidate's tokens
-      with a block mask (a candidate sees the prompt and itself) and positions restarting after the
-      prompt, so the prompt is computed once per example, not once per candidate;
-    - the token prefix every row shares (a task instruction) is computed once per profile and fed to
-      every batch as cached keys/values;
-    - rows are batched by length; the last layer and the logits run at scored positions only;
-    - the hidden state entering layer ``l`` is cached (an LRU bounded in bytes): an edit at layer ``l``
-      cannot change anything below it, so a profile whose lowest edited layer is ``l`` reruns only
-      layers ``>= l``.
-
-    The layer path drives the decoder layers directly and exists for the Llama family
-    (:data:`FAST_MODEL_TYPES`); other models, and any model whose start-up probe disagrees with the
-    plain path, are scored through ``scorer.predict_choices`` (same predictions, no speed-up).
-    Must run on the thread that owns the model (see :class:`~laser_ops.swap.WeightSwapper`).
-    """
-
-    def __init__(
-        self,
-        scorer: HFScorer,
-        items: Sequence[tuple[str, Sequence[str]]],
-        *,
-        batch_size: int = 16,
-        max_cache_bytes: int = 1 << 30,
-        normalize: bool = False,
-        verify: bool = True,
-    ) -> None:
-        self.scorer = scorer
-        self.model = scorer.model
-        self.items = [(c, list(ch)) for c, ch in items]
-        self.batch_size = batch_size
-        self.max_cache_bytes = max_cache_bytes
-        self.normalize = normalize
-        self._states: OrderedDict[int, tuple[torch.Tensor | None, list[torch.Tensor]]] = OrderedDict()
-        self._state_bytes = 0
-        self._packed: tuple[_Rows | None, list[_Rows]] | None = None
-        self.prefix_len = 0
-        self.fast = self._supports_fast_path()
-        if self.fast and verify:
-            self.fast = self._probe()
-        logger.info("fast choice evaluator: %s path for %d items", "layer-cached" if self.fast else "plain",
-                    len(self.items))
-
-    # ---- public
-
-    def predict(self, min_layer: int = 0) -> list[ChoicePrediction]:
-        """Predictions under the live weights, assuming no layer below ``min_layer`` is edited."""
-        if not self.fast:
-            return self.scorer.predict_choices(self.items, normalize=self.normalize)
-        out = []
-        for (_, choices), (lps, ns, greedy) in zip(self.items, self._score(min_layer)):
-            key = [lp / max(n, 1) if self.normalize else lp for lp, n in zip(lps, ns)]
-            best = max(range(len(choices)), key=lambda i: (key[i], -i))
-            out.append(ChoicePrediction(index=best, logprobs=lps, n_tokens=ns, is_greedy=greedy))
-        return out
-
-    def evaluate_profile(self, swapper: WeightSwapper, specs: ProfileLike) -> list[ChoicePrediction]:
-        """Apply ``specs`` for the duration of the call and predict, rerunning only the edited layers up."""
-        edits = swapper.plan(specs)
-        min_layer = min((e.ref.layer for e in edits), default=swapper.targets.num_layers)
-        with swapper.applied_profile(specs):
-            return self.predict(min_layer)
-
-    def clear_cache(self) -> None:
-        self._states.clear()
-        self._state_bytes = 0
-
-    # ---- set-up
-
-    def _supports_fast_path(self) -> bool:
-        cfg = self.model.config
-        base = getattr(self.model, "model", None)
-        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if cfg.model_type not in FAST_MODEL_TYPES or base is None or not all(hasattr(base, a) for a in needed):
-            return False
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            return False  # the block mask has no window
-        attn = base.layers[-1].self_attn
-        if not all(hasattr(attn, a) for a in ("k_proj", "v_proj", "head_dim")):
-            return False
-        return getattr(cfg, "_attn_implementation", "eager") in ("sdpa", "eager") and \
-            self.model.get_output_embeddings() is not None
-
-    def _probe(self) -> bool:
-        """Compare the layer path with the plain scorer on a few items; any disagreement disables it."""
-        sample = self.items[:3]
-        if not sample:
-            return True
-        plain = self.scorer.predict_choices(sample)
-        saved = self.items
-        try:
-            self.items = sample
-            self._packed = None
-            mine = self._score(0)
-        except Exception:  # noqa: BLE001 - an unexpected layer signature just means "use the plain path"
-            logger.warning("fast evaluator probe failed; using the plain path", exc_info=True)
-            return False
-        finally:
-            self.items = saved
-            self._packed = None
-            self.clear_cache()
-        worst = max(abs(a - b) for p, (lps, _, _) in zip(plain, mine) for a, b in zip(p.logprobs, lps))
-        if worst > 1e-3:
-            logger.warning("fast evaluator disagrees with the plain path by %.2g; using the plain path", worst)
-            return False
-        return True
-
-    def _pack(self) -> tuple[_Rows | None, list[_Rows]]:
-        """Tokenize once; split off the shared prefix; build padded batches of packed rows."""
-        sc = self.scorer
-        rows: list[tuple[list[int], list[int], list[tuple[int, int, int, list[int]]]]] = []
-        for item, (context, choices) in enumerate(self.items):
-            pairs = [sc.encode_pair(context, c) for c in choices]
-            ctx = list(pairs[0][0]) or [sc._require_prefix_token()]
-            live = [(j, list(cont)) for j, (_, cont) in enumerate(pairs) if cont]
-            if not live:
-                continue
-            fits = all(len(ctx) + len(cont) - 1 <= sc.max_length for _, cont in live)
-            groups = [(ctx, live)] if fits else []
-            if not fits:  # truncate per candidate exactly as the plain path does
-                for j, cont in live:
-                    if len(cont) > sc.max_length:
-                        raise ValueError(f"continuation of {len(cont)} tokens does not fit the "
-                                         f"{sc.max_length}-token window")
-                    inputs = (ctx + cont)[:-1][-sc.max_length:]
-                    groups.append((inputs[: len(inputs) - (len(cont) - 1)], [(j, cont)]))
-            for g_ctx, cands in groups:
-                ids, pos = list(g_ctx), list(range(len(g_ctx)))
-                packed: list[tuple[int, int, int, list[int]]] = []  # (item, choice, first column, tokens)
-                for j, cont in cands:
-                    packed.append((item, j, len(ids), cont))
-                    ids.extend(cont[:-1])
-                    pos.extend(range(len(g_ctx), len(g_ctx) + len(cont) - 1))
-                rows.append((ids, pos, packed))
-        # The shared prefix must leave every row's last context token (the first scored position) out.
-        prefix = 0
-        if len(rows) > 1:
-            first = rows[0][0]
-            limit = min(cands[0][2] for _, _, cands in rows) - 1
-            while prefix < limit and all(r[0][prefix] == first[prefix] for r in rows):
-                prefix += 1
-        self.prefix_len = prefix
-        device = self.model.device
-        prefix_rows = None
-        if prefix:
-            allowed = torch.tril(torch.ones(prefix, prefix, dtype=torch.bool))[None, None]
-            prefix_rows = _Rows(torch.tensor([rows[0][0][:prefix]], device=device),
-                                torch.arange(prefix, device=device)[None], self._mask(allowed).to(device))
-        order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
-        batches = [self._batch([rows[r] for r in order[s : s + self.batch_size]], prefix)
-                   for s in range(0, len(order), self.batch_size)]
-        return prefix_rows, batches
-
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        if getattr(self.model.config, "_attn_implementation", "eager") != "eager":
-            return allowed
-        dtype = next(self.model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-
-    def _batch(self, chunk: list[tuple[list[int], list[int], list[tuple[int, int, int, list[int]]]]],
-               prefix: int) -> _Rows:
-        width = max(len(ids) for ids, _, _ in chunk) - prefix
-        B = len(chunk)
-        ids_t = torch.full((B, width), self.scorer.pad_token_id, dtype=torch.long)
-        pos_t = torch.zeros((B, width), dtype=torch.long)
-        allowed = torch.zeros((B, width, prefix + width), dtype=torch.bool)
-        allowed[:, :, :prefix] = True
-        allowed[:, torch.arange(width), prefix + torch.arange(width)] = True  # pads see themselves: no NaN rows
-        cols: list[list[int]] = []
-        targets: list[int] = []
-        spans: list[tuple[int, int, int, int]] = []
-        for b, (ids, pos, cands) in enumerate(chunk):
-            n = len(ids) - prefix
-            ids_t[b, :n] = torch.tensor(ids[prefix:])
-            pos_t[b, :n] = torch.tensor(pos[prefix:])
-            ctx = cands[0][2]  # columns below are absolute (prefix included)
-            allowed[b, : ctx - prefix, prefix:ctx] = torch.tril(torch.ones(ctx - prefix, ctx - prefix,
-                                                                           dtype=torch.bool))
-            row_cols: list[int] = []
-            for item, j, begin, cont in cands:
-                end = begin + len(cont) - 1
-                allowed[b, begin - prefix : end - prefix, prefix:ctx] = True
-                allowed[b, begin - prefix : end - prefix, begin:end] = torch.tril(
-                    torch.ones(end - begin, end - begin, dtype=torch.bool))
-                spans.append((item, j, len(targets), len(targets) + len(cont)))
-                row_cols.extend([ctx - 1 - prefix, *range(begin - prefix, end - prefix)])
-                targets.extend(cont)
-            cols.append(row_cols)
-        width_sel = max(len(c) for c in cols)
-        sel = torch.zeros((B, width_sel), dtype=torch.long)
-        flat: list[int] = []
-        for b, c in enumerate(cols):
-            sel[b, : len(c)] = torch.tensor(c)
-            flat.extend(b * width_sel + i for i in range(len(c)))
-        sel_allowed = allowed[torch.arange(B)[:, None], sel]  # (B, S, P + T)
-        device = self.model.device
-        return _Rows(ids_t.to(device), pos_t.to(device), self._mask(allowed[:, None]).to(device),
-                     sel.to(device), self._mask(sel_allowed[:, None]).to(device),
-                     torch.tensor(flat, device=device), torch.tensor(targets, device=device), spans)
-
-    # ---- scoring
-
-    def _layers(self, h: torch.Tensor, rows: _Rows, start: int, stop: int, kv: _KV | None) -> torch.Tensor:
-        if start >= stop:
-            return h
-        base = self.model.model
-        cos_sin = base.rotary_emb(h, rows.positions)
-        for layer in base.layers[start:stop]:
-            h = layer(h, attention_mask=rows.mask, position_ids=rows.positions, position_embeddings=cos_sin,
-                      past_key_values=kv, use_cache=False)
-            if isinstance(h, tuple):  # older transformers return (hidden, ...)
-                h = h[0]
-        return h
-
-    def _advance(self, states: tuple[torch.Tensor | None, list[torch.Tensor]], start: int, stop: int
-                 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """Run the prefix row and every batch through layers ``start:stop`` under the live weights."""
-        prefix_rows, batches = self._packed  # type: ignore[misc]
-        store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        p_state = states[0]
-        if prefix_rows is not None and p_state is not None:
-            p_state = self._layers(p_state, prefix_rows, start, stop, _KV(store, "record"))
-        kv = _KV(store, "prefix") if prefix_rows is not None else None
-        return p_state, [self._layers(h, b, start, stop, kv) for h, b in zip(states[1], batches)]
-
-    def _state_entering(self, layer: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """Hidden states entering ``layer`` (the weights below it are unedited by contract)."""
-        cached = self._states.get(layer)
-        if cached is not None:
-            self._states.move_to_end(layer)
-            return cached
-        below = [j for j in self._states if j < layer]
-        if below:
-            start = max(below)
-            states = self._states[start]
-        else:
-            prefix_rows, batches = self._packed  # type: ignore[misc]
-            embed = self.model.model.embed_tokens
-            start = 0
-            states = (embed(prefix_rows.ids) if prefix_rows is not None else None, [embed(b.ids) for b in batches])
-        # Walk up one layer at a time and keep every intermediate state: all of them are base states
-        # (nothing below ``layer`` is edited), and ascending inserts make the LRU evict low layers first.
-        for j in range(start, layer):
-            states = self._advance(states, j, j + 1)
-            self._remember(j + 1, states)
-        return states
-
-    def _remember(self, layer: int, states: tuple[torch.Tensor | None, list[torch.Tensor]]) -> None:
-        def nbytes(s: tuple[torch.Tensor | None, list[torch.Tensor]]) -> int:
-            return sum(t.numel() * t.element_size() for t in ([s[0]] if s[0] is not None else []) + s[1])
-
-        size = nbytes(states)
-        if size > self.max_cache_bytes:
-            return
-        if layer in self._states:
-            self._state_bytes -= nbytes(self._states.pop(layer))
-        self._states[layer] = states
-        self._state_bytes += size
-        while self._state_bytes > self.max_cache_bytes:
-            _, old = self._states.popitem(last=False)
-            self._state_bytes -= nbytes(old)
-
-    def _last_layer_at_scored(self, h: torch.Tensor, rows: _Rows, kv: _KV | None) -> torch.Tensor:
-        """The last decoder layer for scored positions only: keys/values for all, the rest for few."""
-        base = self.model.model
-        layer = base.layers[-1]
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        B, T, _ = x.shape
-        cos, sin = base.rotary_emb(x, rows.positions)
-        k = attn.k_proj(x).view(B, T, -1, attn.head_dim)
-        if hasattr(attn, "k_norm"):
-            k = attn.k_norm(k)
-        k = _rope(k.transpose(1, 2), cos, sin)
-        v = attn.v_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
-        idx = len(base.layers) - 1
-        if kv is not None:
-            k, v = kv.update(k, v, idx)
-        assert rows.sel_cols is not None
-        h_sel = h[torch.arange(B, device=h.device)[:, None], rows.sel_cols]
-        pos_sel = rows.positions.gather(1, rows.sel_cols)
-        cos_sin = base.rotary_emb(h_sel, pos_sel)
-        out = layer(h_sel, attention_mask=rows.sel_mask, position_ids=pos_sel, position_embeddings=cos_sin,
-                    past_key_values=_KV({idx: (k, v)}, "fixed"), use_cache=False)
-        return out[0] if isinstance(out, tuple) else out
-
-    def _score(self, min_layer: int) -> list[tuple[list[float], list[int], list[bool]]]:
-        if self._packed is None:
-            self._packed = self._pack()
-        prefix_rows, batches = self._packed
-        num_layers = len(self.model.model.layers)
-        last = num_layers - 1
-        min_layer = max(0, min(min_layer, last))
-        head = self.model.get_output_embeddings()
-        scores: dict[tuple[int, int], tuple[float, int, bool]] = {}
-        with torch.inference_mode():
-            p_state, states = self._state_entering(min_layer)
-            store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            if prefix_rows is not None and p_state is not None:
-                self._layers(p_state, prefix_rows, min_layer, num_layers, _KV(store, "record"))
-            kv = _KV(store, "prefix") if prefix_rows is not None else None
-            for h, rows in zip(states, batches):
-                h = self._layers(h, rows, min_layer, last, kv)
-                h = self._last_layer_at_scored(h, rows, kv)
-                h = self.model.model.norm(h.reshape(-1, h.shape[-1])[rows.sel_flat])
-                logits = head(h).float()
-                tok = torch.log_softmax(logits, dim=-1).gather(-1, rows.targets[:, None]).squeeze(-1).tolist()
-                greedy = (logits.argmax(-1) == rows.targets).tolist()
-                for item, j, a, b in rows.spans or []:
-                    scores[(item, j)] = (math.fsum(tok[a:b]), b - a, all(greedy[a:b]))
-        out = []
-        for item, (_, choices) in enumerate(self.items):
-            res = [scores.get((item, j), (0.0, 0, True)) for j in range(len(choices))]
-            out.append(([r[0] for r in res], [r[1] for r in res], [r[2] for r in res]))
-        return out
+def mcnemar_vs_constant(dataset: Dataset, correct: Sequence[bool], label: str, *, alpha: float = 0.05,
+                        name: str = "winner") -> McNemarResult:
+    """Exact McNemar of a model's outcomes against always answering ``label`` on the same examples."""
+    return mcnemar_exact(constant_correct(dataset, label), correct, alpha=alpha,
+                         names=(f"always-{label!r}", name))

@@ -32,7 +32,7 @@ from torch import nn
 
 from laser_ops.interventions import InterventionError, InterventionSpec, MatrixEdit, edit_kind, expand, parse_profile
 from laser_ops.spectral import SpectrumReport, spectrum_report
-from laser_ops.svd import SvdCache
+from laser_ops.svd import Decomposition, SvdCache
 from laser_ops.targets import ModelTargets, TargetRef, read_matrix, write_matrix
 
 logger = logging.getLogger(__name__)
@@ -208,6 +208,10 @@ class WeightSwapper:
     def dry_run(self, specs: ProfileLike) -> list[EditReport]:
         """Per-matrix k, retained energy and Frobenius error, without touching the model."""
         return self._prepare(specs, report=True, use_cache=False).reports
+
+    def factors(self, ref: TargetRef) -> Decomposition:
+        """The complete SVD of the base matrix ``ref`` from the shared cache (per-row ranks slice it)."""
+        return self.svd_cache.get(ref.key, self.original_matrix(ref).to(torch.float32), complete=True)
 
     def spectrum(self, type_: str, layer: int, k: int | None = None) -> SpectrumReport:
         """Data-free diagnostics of one base matrix (uses the SVD cache)."""

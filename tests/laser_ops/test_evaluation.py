@@ -11,7 +11,6 @@ import torch
 
 from laser_ops.datasets import Dataset, Example, PromptFormat
 from laser_ops.evaluation import (
-    FastChoiceEvaluator,
     answer_in,
     evaluate_generation,
     evaluate_multiple_choice,
@@ -21,6 +20,7 @@ from laser_ops.evaluation import (
     report_from_predictions,
     wilson_interval,
 )
+from laser_ops.fast_choice import FastChoiceEvaluator
 from laser_ops.scoring import GenerationRequest, HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
