@@ -113,7 +113,13 @@ def report_from_predictions(dataset: Dataset, predictions: Sequence[ChoicePredic
         ExampleOutcome(id=ex.id, correct=p.index in ex.correct, prediction=p.index, gold_logprob=p.logprobs[ex.gold])
         for ex, p in zip(dataset.examples, predictions)
     ]
-    return _report("classification_accuracy", outcomes,
+    return report_from_outcomes(dataset, outcomes)
+
+
+def report_from_outcomes(dataset: Dataset, outcomes: list[ExampleOutcome]) -> EvalReport:
+    """The report of per-example outcomes on ``dataset`` (one per example, in order), label metrics included."""
+    metric: MetricName = "classification_accuracy" if dataset.kind == "multiple_choice" else "generation_accuracy"
+    return _report(metric, outcomes,
                    labels=label_metrics(dataset, [o.prediction for o in outcomes], [o.correct for o in outcomes]))
 
 
@@ -230,8 +236,7 @@ def evaluate_generation(
         ExampleOutcome(id=ex.id, correct=answer_in(r.text, ex.targets), prediction=r.text, gold_logprob=g)
         for ex, r, g in zip(dataset.examples, results, gold)
     ]
-    return _report("generation_accuracy", outcomes,
-                   labels=label_metrics(dataset, [o.prediction for o in outcomes], [o.correct for o in outcomes]))
+    return report_from_outcomes(dataset, outcomes)
 
 
 def evaluate_top_k(scorer: Scorer, dataset: Dataset, *, k: int = 10) -> EvalReport:

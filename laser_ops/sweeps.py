@@ -17,11 +17,20 @@ Strategies:
 - ``spectral_prior``: order matrices by their data-free Marchenko-Pastur SNR, lowest first (a matrix
   whose spectrum is mostly below the noise threshold is the one where discarding the tail should
   cost least and help most), and try them first; useful with a budget.
+- ``successive_halving``: the grid on a growing seeded subset of validation (blocks whose running
+  totals double); after each round a config whose upper Wilson bound is below the best lower bound
+  is dropped. The winner is chosen among the configs scored on all of validation; the result says how
+  many example-evaluations that saved against the full grid.
 
-The runner is an iterator of steps, one config per step, so a server can run each step on its
-model-owner thread (``step.run(swapper, scorer) -> SweepRow``), record it, persist the rows, and
-later resume: rows passed back in are not recomputed (their keys are ``done``). Budgets
-(``max_configs``, ``time_limit_s``) and the cancellation check apply between steps.
+Honest selection: a ``collapsed`` config (one answer on >= 95% of validation) cannot win unless
+``allow_collapsed``; ``metric: balanced_accuracy`` selects on mean per-label recall. The test report
+compares the winner with base and with always answering the majority label (exact McNemar tests).
+
+The runner is an iterator of steps. A grid step holds every rho of one (type, layer), which the
+executor scores in one replicated pass; a server runs each step on its model-owner thread
+(``step.run(swapper, scorer) -> [SweepRow]``, or chunk by chunk through ``step.work``), records the
+rows, persists them, and can later resume: rows passed back in are not recomputed (their keys are
+``done``). Budgets (``max_configs``, ``time_limit_s``) and the cancellation check apply between steps.
 """
 
 from __future__ import annotations
@@ -29,257 +38,71 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from laser_ops.datasets import Dataset, Split, builtin_dataset, stratified_split
-from laser_ops.evaluation import (
-    EvalReport,
-    FastChoiceEvaluator,
-    evaluate_generation,
-    evaluate_multiple_choice,
-    mcnemar_exact,
-    perplexity,
-    report_from_predictions,
+from laser_ops.datasets import Dataset, builtin_dataset
+from laser_ops.evaluation import wilson_interval
+from laser_ops.scoring import Scorer
+from laser_ops.sweep_models import (
+    NO_KNOB,
+    PAPER_RHOS,
+    PAPER_TYPES,
+    Candidate,
+    PlannedConfig,
+    StepPlan,
+    StopReason,
+    Strategy,
+    SweepConfig,
+    SweepConfigError,
+    SweepProgress,
+    SweepResult,
+    SweepRow,
+    TestReport,
+    grid_candidates,
+    profile_key,
 )
-from laser_ops.interventions import EditKindName
-from laser_ops.scoring import HFScorer, Scorer
+from laser_ops.sweep_steps import StepExecutor, evaluations_of, merge_rows, plan_split
 from laser_ops.swap import WeightSwapper
-from laser_ops.targets import TYPES, ModelTargets, TargetError
+from laser_ops.targets import ModelTargets
+
+__all__ = [
+    "NO_KNOB", "PAPER_RHOS", "PAPER_TYPES", "Candidate", "PlannedConfig", "StepPlan", "StopReason", "Strategy",
+    "SweepConfig", "SweepConfigError", "SweepProgress", "SweepResult", "SweepRow", "SweepRunner", "SweepStep",
+    "TestReport", "grid_candidates", "profile_key", "rows_to_jsonl", "run_sweep",
+]
 
 logger = logging.getLogger(__name__)
-
-PAPER_RHOS: tuple[float, ...] = (0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01)
-PAPER_TYPES: tuple[str, ...] = ("fc_in", "fc_out")
-_NO_KNOB = ("laser_mp", "zero")
-
-Strategy = Literal["grid", "greedy_compose", "spectral_prior"]
-StopReason = Literal["running", "completed", "max_configs", "time_limit", "cancelled"]
-
-
-class SweepConfigError(ValueError):
-    """A sweep config that does not fit the model; ``field`` names the offending config field."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-class SweepConfig(BaseModel):
-    """What to search and how; JSON in, JSON out (the server stores it with the job)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str | None = Field(None, description="Built-in dataset name (or an id the caller resolves).")
-    strategy: Strategy = Field("grid", description=(
-        "Search order: grid (every type x layer x rho), greedy_compose (add an edit only if validation "
-        "accuracy strictly rises; the winner is the composed profile) or spectral_prior (matrices with the "
-        "lowest Marchenko-Pastur SNR first; useful with a budget)."))
-    kind: EditKindName = Field("laser", description="Edit kind swept (controls: random_basis, keep_bottom, "
-                                                    "prune_magnitude with sparsity = 1 - rho).")
-    types: list[str] = Field(default_factory=lambda: list(PAPER_TYPES), description=f"LASER types, from {TYPES}.")
-    layers: list[int] | Literal["all"] = Field("all", description="0-based layers (negative from the end) or 'all'.")
-    rhos: list[float] = Field(default_factory=lambda: list(PAPER_RHOS), description="Rank fractions in (0, 1].")
-    seed: int = Field(0, ge=0, description="Seeds the split (and random_basis).")
-    validation_fraction: float = Field(0.2, gt=0, lt=1, description=(
-        "Share of the dataset held out for validation (seeded, stratified by gold label); the rest is test."))
-    max_validation_examples: int | None = Field(None, ge=2, description=(
-        "Cap on validation examples (a seeded stratified subsample); unset: the whole split."))
-    max_test_examples: int | None = Field(None, ge=2, description=(
-        "Cap on test examples (a seeded stratified subsample); unset: the whole split."))
-    metric: Literal["accuracy", "log_loss"] = Field("accuracy", description=(
-        "Selection metric on validation; accuracy ties go to lower log-loss."))
-    normalize: bool = Field(False, description="Multiple choice: compare per-token log-probs.")
-    max_new_tokens: int = Field(10, ge=1, le=512, description="Generation: greedy tokens decoded.")
-    max_configs: int | None = Field(None, ge=1, description="Budget: configs evaluated (base not counted).")
-    time_limit_s: float | None = Field(None, gt=0, description="Budget: wall-clock seconds of search.")
-    max_perplexity_ratio: float | None = Field(None, gt=1, description=(
-        "Guard: reject configs whose perplexity on the validation texts exceeds base x this ratio."))
-    fast: bool = Field(True, description="Use the layer-cached multiple-choice evaluator where supported.")
-    batch_size: int = Field(16, ge=1, le=1024, description=(
-        "Sequences per forward pass of the fast multiple-choice evaluator."))
-
-    @field_validator("types")
-    @classmethod
-    def _check_types(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"types must not be empty; allowed: {list(TYPES)}")
-        bad = [t for t in v if t not in TYPES]
-        if bad:
-            raise ValueError(f"unknown type(s) {bad}; allowed: {list(TYPES)}")
-        return list(dict.fromkeys(v))
-
-    @field_validator("rhos")
-    @classmethod
-    def _check_rhos(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("rhos must not be empty; allowed range (0, 1]")
-        bad = [r for r in v if not 0 < r <= 1]
-        if bad:
-            raise ValueError(f"rho value(s) {bad} out of range: allowed (0, 1]")
-        return list(dict.fromkeys(float(r) for r in v))
-
-    @field_validator("layers")
-    @classmethod
-    def _check_layers(cls, v: list[int] | str) -> list[int] | str:
-        if isinstance(v, list) and not v:
-            raise ValueError("layers must not be empty; give 0-based ints or 'all'")
-        return list(dict.fromkeys(v)) if isinstance(v, list) else v
-
-
-# ---------------------------------------------------------------------------------------------- candidates
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One edit (tau, l, rho) of the swept kind; ``key`` identifies it across restarts."""
-
-    kind: str
-    type: str
-    layer: int
-    rho: float | None
-    seed: int = 0
-
-    @property
-    def key(self) -> str:
-        rho = "" if self.rho is None else f":{_rho_text(self.rho)}"
-        seed = f":seed={self.seed}" if self.kind == "random_basis" else ""
-        return f"{self.kind}:{self.type}:{self.layer}{rho}{seed}"
-
-    def spec(self) -> dict[str, Any]:
-        """The intervention JSON (prune_magnitude: sparsity = 1 - rho)."""
-        out: dict[str, Any] = {"kind": self.kind, "target": self.type, "layer": self.layer}
-        if self.kind == "prune_magnitude":
-            out["sparsity"] = round(1.0 - float(self.rho or 0.0), 12)
-        elif self.kind not in _NO_KNOB:
-            out["rank_fraction"] = self.rho
-        if self.kind == "random_basis":
-            out["seed"] = self.seed
-        return out
-
-
-def _rho_text(rho: float) -> str:
-    """``rho`` short (``0.01``, ``1``) but exact: ``:g`` alone rounds to 6 digits, so 0.1 and 0.1000001 collide."""
-    text = f"{rho:g}"
-    return text if float(text) == rho else repr(float(rho))
-
-
-def profile_key(candidates: Sequence[Candidate]) -> str:
-    return "+".join(c.key for c in candidates) or "base"
-
-
-def grid_candidates(config: SweepConfig, targets: ModelTargets) -> list[Candidate]:
-    """Every (type, layer, rho) of the config on this model, in (layer, type, rho descending) order.
-
-    Layer-major order lets the fast evaluator reuse the cached hidden states of each layer for
-    all its configs and the SVD cache reuse one decomposition for all rho.
-    """
-    for t in config.types:
-        if t not in targets.spec.types:
-            raise SweepConfigError(f"architecture {targets.spec.name!r} has no {t!r}; "
-                                   f"allowed: {list(targets.types)}", "types")
-    try:
-        layers = targets.normalize_layers(range(targets.num_layers) if config.layers == "all" else config.layers)
-    except TargetError as e:
-        raise SweepConfigError(str(e), "layers") from None
-    rhos: list[float | None] = [None] if config.kind in _NO_KNOB else sorted(config.rhos, reverse=True)
-    if config.kind == "prune_magnitude" and any(r == 1.0 for r in config.rhos):
-        rhos = [r for r in rhos if r != 1.0] or rhos  # sparsity 0 is the base model; keep it only if alone
-    return [Candidate(config.kind, t, layer, rho, config.seed)
-            for layer in sorted(layers) for t in config.types for rho in rhos]
-
-
-# ---------------------------------------------------------------------------------------------- records
-
-
-class SweepRow(BaseModel):
-    """One finished step. Rows are the job's persistent state: pass them back to resume."""
-
-    key: str
-    step: int
-    role: Literal["base", "config", "spectrum", "test"]
-    interventions: list[dict[str, Any]] = Field(default_factory=list)
-    type: str | None = None
-    layer: int | None = None
-    rho: float | None = None
-    val_accuracy: float | None = None
-    val_log_loss: float | None = None
-    val_perplexity: float | None = None
-    delta_accuracy: float | None = None
-    delta_log_loss: float | None = None
-    val_predictions: list[int | str | None] | None = Field(None, description=(
-        "Per-example prediction on validation (MC: chosen index), in split order."))
-    val_correct: list[bool] | None = Field(None, description="Per-example outcome on validation (paired tests).")
-    rejected: str | None = Field(None, description="Why the config cannot win (perplexity guard).")
-    kept: bool | None = Field(None, description="greedy_compose: the edit was added to the profile.")
-    snr: dict[str, float] | None = Field(None, description="spectral_prior: SNR per 'type:layer'.")
-    test: TestReport | None = None
-    seconds: float = 0.0
-
-
-class TestReport(BaseModel):
-    """Base and winner on the test split: accuracy with Wilson CIs, log-loss, exact McNemar."""
-
-    __test__ = False  # not a pytest class
-
-    winner_key: str
-    interventions: list[dict[str, Any]]
-    base: EvalReport
-    winner: EvalReport
-    delta_accuracy: float
-    mcnemar: dict[str, Any]
-
-
-SweepRow.model_rebuild()
-
-
-class SweepProgress(BaseModel):
-    done: int
-    total: int
-    elapsed_s: float
-    eta_s: float | None
-    best: SweepRow | None
-    last: SweepRow | None
-
-
-class SweepResult(BaseModel):
-    config: SweepConfig
-    dataset: dict[str, Any]
-    n_validation: int
-    n_test: int
-    stopped: StopReason
-    base: SweepRow | None
-    winner: SweepRow | None
-    beats_base_on_validation: bool
-    rows: list[SweepRow]
-    test: TestReport | None
-    elapsed_s: float
 
 
 @dataclass(frozen=True)
 class SweepStep:
-    """One unit of work; ``run`` must be called on the thread that owns the model."""
+    """One unit of work: ``run`` (or ``work``, chunk by chunk) must be called on the thread that owns the model."""
 
-    key: str
-    role: str
-    run: Callable[[WeightSwapper, Scorer], SweepRow]
+    plan: StepPlan
+    executor: StepExecutor
+
+    @property
+    def key(self) -> str:
+        return self.plan.key
+
+    @property
+    def role(self) -> str:
+        return self.plan.role
+
+    def work(self, swapper: WeightSwapper, scorer: Scorer) -> Generator[None, None, list[SweepRow]]:
+        """The step as a generator: yields between chunks (weights restored), returns the rows."""
+        return self.executor.work(self.plan, swapper, scorer)
+
+    def run(self, swapper: WeightSwapper, scorer: Scorer) -> list[SweepRow]:
+        return self.executor.run(self.plan, swapper, scorer)
 
 
-# ---------------------------------------------------------------------------------------------- runner
-
-
-def _outcomes(report: EvalReport) -> dict[str, Any]:
-    return {"val_predictions": [o.prediction for o in report.outcomes],
-            "val_correct": [o.correct for o in report.outcomes]}
-
-
-def _cap(dataset: Dataset, n: int | None, seed: int) -> Dataset:
-    if n is None or n >= len(dataset):
-        return dataset
-    return stratified_split(dataset, n / len(dataset), seed).validation.model_copy(update={"name": dataset.name})
+def _planned(cands: Sequence[Candidate], key: str | None = None) -> PlannedConfig:
+    last = cands[-1]
+    return PlannedConfig(key=key or profile_key(cands), interventions=[c.spec() for c in cands], type=last.type,
+                         layer=last.layer, rho=last.rho)
 
 
 class SweepRunner:
@@ -288,12 +111,12 @@ class SweepRunner:
     Usage (what :meth:`run` does; a server does the same with ``step.run`` on its model thread)::
 
         runner = SweepRunner(config, dataset, completed=saved_rows, on_progress=cb, should_cancel=flag)
-        for step in runner.steps():
+        for step in runner.steps(swapper.targets):
             runner.record(step.run(swapper, scorer))
         result = runner.result()
 
-    Adaptive strategies read recorded rows when the iterator resumes, so record each step's row
-    before asking for the next one. ``time_limit_s`` counts from this runner's creation (a resumed
+    Adaptive strategies read recorded rows when the iterator resumes, so record each step's rows
+    before asking for the next step. ``time_limit_s`` counts from this runner's creation (a resumed
     job gets a fresh clock); the final test step runs even after a budget stops the search.
     """
 
@@ -306,17 +129,19 @@ class SweepRunner:
         on_progress: Callable[[SweepProgress], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        executor: StepExecutor | None = None,
     ) -> None:
         if dataset is None:
             if config.dataset is None:
                 raise SweepConfigError("give a dataset or a built-in dataset name", "dataset")
             dataset = builtin_dataset(config.dataset)
+        if config.metric == "balanced_accuracy" and dataset.kind != "multiple_choice":
+            raise SweepConfigError(f"balanced_accuracy needs a multiple-choice dataset; {dataset.name!r} is "
+                                   f"{dataset.kind}: use accuracy or log_loss", "metric")
         self.config = config
         self.dataset = dataset
-        split = stratified_split(dataset, config.validation_fraction, config.seed)
-        self.split = Split(validation=_cap(split.validation, config.max_validation_examples, config.seed),
-                           test=_cap(split.test, config.max_test_examples, config.seed),
-                           seed=split.seed, validation_fraction=split.validation_fraction)
+        self.split = plan_split(config, dataset)
+        self.executor = executor or StepExecutor(config, self.split)
         self.rows: dict[str, SweepRow] = {}
         for r in completed:
             row = r if isinstance(r, SweepRow) else SweepRow.model_validate(r)
@@ -325,42 +150,62 @@ class SweepRunner:
         self.should_cancel = should_cancel
         self._clock = clock
         self._t0 = clock()
-        self._ran: list[float] = []  # seconds of steps run in this session (for the ETA)
-        self._total = 0
+        self._ran: list[tuple[float, float]] = []  # (seconds, cost) of steps run in this session (for the ETA)
         self._step_no = max((r.step for r in self.rows.values()), default=-1) + 1
         self.stopped: StopReason = "running"
-        self._fast: dict[tuple[int, str], FastChoiceEvaluator] = {}
         self._targets: ModelTargets | None = None
-        self._lazy_targets: ModelTargets | None = None
-        self._guard_texts = [self.split.validation.prompt(e) + e.gold_text for e in self.split.validation.examples]
 
     # ---- state
 
     @property
     def done(self) -> set[str]:
-        """Keys of finished steps (skipped on resume)."""
+        """Keys of recorded rows (skipped on resume; successive halving may extend a config's row)."""
         return set(self.rows)
 
     @property
     def base(self) -> SweepRow | None:
         return self.rows.get("base")
 
+    @property
+    def n_validation(self) -> int:
+        return len(self.split.validation)
+
     def config_rows(self) -> list[SweepRow]:
         return sorted((r for r in self.rows.values() if r.role == "config"), key=lambda r: r.step)
 
+    def score(self, row: SweepRow) -> float:
+        """The selection metric as a number to maximise."""
+        if self.config.metric == "log_loss":
+            return -row.val_log_loss if row.val_log_loss is not None else float("-inf")
+        if self.config.metric == "balanced_accuracy" and row.val_labels is not None and \
+                row.val_labels.balanced_accuracy is not None:
+            return row.val_labels.balanced_accuracy
+        return row.val_accuracy if row.val_accuracy is not None else float("-inf")
+
+    def eligible(self, row: SweepRow) -> bool:
+        """May this config win? Not when rejected, eliminated, or collapsed (unless allowed)."""
+        return (row.val_accuracy is not None and row.rejected is None and row.eliminated is None
+                and (self.config.allow_collapsed or not row.collapsed))
+
     def best(self) -> SweepRow | None:
-        """The validation winner: highest accuracy, ties to lower log-loss, then the earlier step."""
-        rows = [r for r in self.config_rows() if r.rejected is None and r.val_accuracy is not None]
+        """The validation winner: best metric, ties to lower log-loss, then the earlier step."""
+        rows = [r for r in self.config_rows() if self.eligible(r)]
         if self.config.strategy == "greedy_compose":
             kept = [r for r in rows if r.kept]
             return kept[-1] if kept else None
+        if self.config.strategy == "successive_halving" and rows:
+            most = max(r.val_n or 0 for r in rows)
+            rows = [r for r in rows if (r.val_n or 0) == most]
         if not rows:
             return None
         inf = float("inf")
-        if self.config.metric == "log_loss":
-            return min(rows, key=lambda r: (r.val_log_loss if r.val_log_loss is not None else inf, r.step))
-        return min(rows, key=lambda r: (-(r.val_accuracy or 0.0),
-                                        r.val_log_loss if r.val_log_loss is not None else inf, r.step))
+        return min(rows, key=lambda r: (-self.score(r), r.val_log_loss if r.val_log_loss is not None else inf,
+                                        r.step))
+
+    def finished(self, row: SweepRow) -> bool:
+        """A row no later step will extend."""
+        return (row.role != "config" or self.config.strategy != "successive_halving" or row.eliminated is not None
+                or (row.val_n or 0) >= self.n_validation)
 
     # ---- driving
 
@@ -370,64 +215,77 @@ class SweepRunner:
             self.record(step.run(swapper, scorer))
         return self.result()
 
-    def steps(self, targets: ModelTargets | None = None) -> Iterator[SweepStep]:
-        """Base, then the strategy's configs (skipping ``done``), then the test step.
-
-        ``targets`` (the swapper's) lets the grid be validated before any work; without it the grid
-        is resolved inside the first step that has the model.
-        """
+    def steps(self, targets: ModelTargets) -> Iterator[SweepStep]:
+        """Base, then the strategy's configs (skipping ``done``), then the test step."""
         self._targets = targets
-        if targets is not None:
-            self._total = self._planned_total(grid_candidates(self.config, targets))
         if "base" not in self.rows:
-            yield SweepStep("base", "base", self._base_step)
+            yield self._step(StepPlan(key="base", role="base", cost=self._cost(None, self.n_validation)))
         if self.base is None:
             raise RuntimeError("the base step was not recorded; call record(step.run(...)) before continuing")
         searched = yield from self._search()
         if self.stopped == "running":
             self.stopped = "completed"
         if self.stopped != "cancelled" and searched and "test" not in self.rows:
-            yield SweepStep("test", "test", self._test_step)
+            yield self._step(self._test_plan())
         self._emit(None)
 
-    def record(self, row: SweepRow) -> None:
-        """Store a finished step (deltas against base are filled in here) and report progress."""
+    def record(self, rows: SweepRow | Sequence[SweepRow]) -> None:
+        """Store finished rows (deltas against base, guards and merges are applied here) and report progress."""
+        batch = [rows] if isinstance(rows, SweepRow) else list(rows)
+        seconds = sum(r.seconds for r in batch)
+        for row in batch:
+            old = self.rows.get(row.key)
+            if (row.role == "config" and old is not None and old.val_indices is not None
+                    and row.val_indices is not None):
+                row = merge_rows(old, row, self.split.validation)
+            self._against_base(row)
+            row.step = old.step if old is not None else self._step_no
+            if old is None:
+                self._step_no += 1
+            self.rows[row.key] = row
+            logger.info("sweep step %s: acc=%s n=%s logloss=%s%s", row.key, row.val_accuracy, row.val_n,
+                        row.val_log_loss, " (collapsed)" if row.collapsed else "")
+        self._ran.append((seconds, self._cost_of(batch)))
+        self._emit(batch[-1] if batch else None)
+
+    def _against_base(self, row: SweepRow) -> None:
         base = self.base
-        if row.role == "config" and base is not None and row.val_accuracy is not None:
-            row.delta_accuracy = row.val_accuracy - (base.val_accuracy or 0.0)
-            if row.val_log_loss is not None and base.val_log_loss is not None:
-                row.delta_log_loss = row.val_log_loss - base.val_log_loss
-            if (self.config.max_perplexity_ratio is not None and row.val_perplexity is not None
-                    and base.val_perplexity is not None
-                    and row.val_perplexity > base.val_perplexity * self.config.max_perplexity_ratio):
-                row.rejected = (f"perplexity {row.val_perplexity:.3g} > {self.config.max_perplexity_ratio:g} x "
-                                f"base {base.val_perplexity:.3g}")
-        row.step = self._step_no
-        self._step_no += 1
-        self.rows[row.key] = row
-        self._ran.append(row.seconds)
-        logger.info("sweep step %s: acc=%s logloss=%s (%.1fs)", row.key, row.val_accuracy, row.val_log_loss,
-                    row.seconds)
-        self._emit(row)
+        if row.role != "config" or base is None or row.val_accuracy is None or base.val_correct is None:
+            return
+        idx = row.val_indices if row.val_indices is not None else range(len(base.val_correct))
+        b_correct = [base.val_correct[i] for i in idx]
+        row.delta_accuracy = row.val_accuracy - (sum(b_correct) / len(b_correct) if b_correct else 0.0)
+        gold = [base.val_gold_logprobs[i] for i in idx] if base.val_gold_logprobs else []
+        if row.val_log_loss is not None and gold and all(g is not None for g in gold):
+            row.delta_log_loss = row.val_log_loss + sum(gold) / len(gold)  # type: ignore[arg-type]
+        ratio = self.config.max_perplexity_ratio
+        if (ratio is not None and row.val_perplexity is not None and base.val_perplexity is not None
+                and row.val_perplexity > base.val_perplexity * ratio):
+            row.rejected = f"perplexity {row.val_perplexity:.3g} > {ratio:g} x base {base.val_perplexity:.3g}"
 
     def result(self) -> SweepResult:
         base, winner = self.base, self.best()
-        beats = bool(winner and base and (winner.val_accuracy or 0) > (base.val_accuracy or 0))
+        beats = bool(winner and base and self.score(winner) > self.score(base))
         test_row = self.rows.get("test")
+        configs = self.config_rows()
         return SweepResult(
-            config=self.config, dataset=self.dataset.summary(), n_validation=len(self.split.validation),
+            config=self.config, dataset=self.dataset.summary(), n_validation=self.n_validation,
             n_test=len(self.split.test), stopped=self.stopped, base=base, winner=winner,
             beats_base_on_validation=beats,
             rows=sorted(self.rows.values(), key=lambda r: r.step), test=test_row.test if test_row else None,
-            elapsed_s=self._clock() - self._t0)
+            elapsed_s=self._clock() - self._t0, example_evaluations=evaluations_of(configs),
+            full_grid_evaluations=len(configs) * self.n_validation)
 
     # ---- strategies
 
-    def _budget_left(self) -> bool:
+    def _step(self, plan: StepPlan) -> SweepStep:
+        return SweepStep(plan, self.executor)
+
+    def _budget_left(self, *, new_configs: bool = True) -> bool:
         if self.should_cancel is not None and self.should_cancel():
             self.stopped = "cancelled"
             return False
-        if self.config.max_configs is not None and len(self.config_rows()) >= self.config.max_configs:
+        if new_configs and self.config.max_configs is not None and len(self.config_rows()) >= self.config.max_configs:
             self.stopped = "max_configs"
             return False
         if self.config.time_limit_s is not None and self._clock() - self._t0 >= self.config.time_limit_s:
@@ -435,31 +293,57 @@ class SweepRunner:
             return False
         return True
 
-    def _search(self) -> Iterator[SweepStep]:  # returns whether any config exists (generator return value)
+    def _room(self) -> int | None:
+        """Configs the max_configs budget still allows (None: unbounded)."""
+        if self.config.max_configs is None:
+            return None
+        return max(0, self.config.max_configs - len(self.config_rows()))
+
+    def _search(self) -> Generator[SweepStep, None, bool]:
+        """The strategy's steps; returns whether any config exists."""
         if self.config.strategy == "spectral_prior" and "spectrum" not in self.rows:
             if not self._budget_left():
                 return False
-            yield SweepStep("spectrum", "spectrum", self._spectrum_step)
+            mats = sorted({(c.type, c.layer) for c in grid_candidates(self.config, self._require_targets())})
+            yield self._step(StepPlan(key="spectrum", role="spectrum", configs=[
+                PlannedConfig(key=f"{t}:{layer}", interventions=[], type=t, layer=layer) for t, layer in mats]))
         candidates = self._candidates()
-        if self._total == 0:
-            self._total = self._planned_total(candidates)
         if self.config.strategy == "greedy_compose":
             return (yield from self._greedy(candidates))
-        for c in candidates:
-            if c.key in self.rows:
-                continue
+        if self.config.strategy == "successive_halving":
+            return (yield from self._halving(candidates))
+        for group in self._groups([c for c in candidates if c.key not in self.rows]):
             if not self._budget_left():
                 break
-            yield SweepStep(c.key, "config", self._config_step([c]))
+            room = self._room()
+            group = group if room is None else group[:room]
+            yield self._step(self._group_plan(group, None))
         return bool(self.config_rows())
 
+    @staticmethod
+    def _groups(cands: Sequence[Candidate]) -> list[list[Candidate]]:
+        """Consecutive candidates of one matrix (all rho of one (type, layer)) form one step."""
+        groups: list[list[Candidate]] = []
+        for c in cands:
+            if groups and (groups[-1][-1].type, groups[-1][-1].layer) == (c.type, c.layer):
+                groups[-1].append(c)
+            else:
+                groups.append([c])
+        return groups
+
+    def _group_plan(self, group: Sequence[Candidate], block: int | None) -> StepPlan:
+        n = self.n_validation if block is None else len(self.executor.blocks[block])  # type: ignore[index]
+        return StepPlan(key=group[0].key if len(group) == 1 else f"{group[0].type}:{group[0].layer}",
+                        role="config", configs=[_planned([c]) for c in group], block=block,
+                        cost=self._cost(group[0].layer, n) * len(group))
+
+    def _require_targets(self) -> ModelTargets:
+        if self._targets is None:
+            raise RuntimeError("model targets unknown: pass them to steps()")
+        return self._targets
+
     def _candidates(self) -> list[Candidate]:
-        targets = self._targets
-        if targets is None:  # resolved lazily by the base step, which has the model
-            targets = self._lazy_targets
-        if targets is None:
-            raise RuntimeError("model targets unknown: pass them to steps() or run the base step first")
-        grid = grid_candidates(self.config, targets)
+        grid = grid_candidates(self.config, self._require_targets())
         if self.config.strategy == "greedy_compose":
             rho_order = sorted({c.rho for c in grid}, key=lambda r: (r is not None, r or 0.0))
             types = list(self.config.types)
@@ -467,10 +351,10 @@ class SweepRunner:
         if self.config.strategy == "spectral_prior":
             snr = (self.rows["spectrum"].snr or {})
             return sorted(grid, key=lambda c: (snr.get(f"{c.type}:{c.layer}", float("inf")), c.layer,
-                                               c.type, c.rho if c.rho is not None else 0.0))
+                                               c.type, -(c.rho if c.rho is not None else 0.0)))
         return grid
 
-    def _greedy(self, candidates: list[Candidate]) -> Iterator[SweepStep]:
+    def _greedy(self, candidates: list[Candidate]) -> Generator[SweepStep, None, bool]:
         profile: list[Candidate] = []
         best = self.base
         assert best is not None
@@ -483,109 +367,131 @@ class SweepRunner:
             if key not in self.rows:
                 if not self._budget_left():
                     break
-                yield SweepStep(key, "config", self._config_step(trial))
+                yield self._step(StepPlan(key=key, role="config", configs=[_planned(trial)],
+                                          cost=self._cost(min(x.layer for x in trial), self.n_validation)))
                 if key not in self.rows:
                     raise RuntimeError(f"step {key} was not recorded; record each row before the next step")
             row = self.rows[key]
-            rises = (row.rejected is None and row.val_accuracy is not None
-                     and row.val_accuracy > (best.val_accuracy or 0.0))
+            rises = (row.rejected is None and (self.config.allow_collapsed or not row.collapsed)
+                     and self.score(row) > self.score(best))
             row.kept = rises
             if rises:
                 profile, best = trial, row
                 edited.add((c.type, c.layer))
         return bool(self.config_rows())
 
-    def _planned_total(self, grid: list[Candidate]) -> int:
-        n = len(grid)
-        if self.config.max_configs is not None:
-            n = min(n, self.config.max_configs)
-        return n + 2 + (self.config.strategy == "spectral_prior")  # base, test (, spectrum)
+    def _halving(self, candidates: list[Candidate]) -> Generator[SweepStep, None, bool]:
+        blocks = self.executor.blocks
+        assert blocks is not None
+        room = self._room()
+        alive = candidates if room is None else candidates[:room]
+        scored = 0
+        for r, block in enumerate(blocks):
+            need = [c for c in alive if self._needs_block(c.key, scored)]
+            for group in self._groups(need):
+                if not self._budget_left(new_configs=False):  # alive is already within max_configs
+                    return bool(self.config_rows())
+                yield self._step(self._group_plan(group, r))
+            scored += len(block)
+            alive = self._eliminate(alive, r + 1)
+        return bool(self.config_rows())
 
-    # ---- step bodies (run on the model-owner thread)
+    def _needs_block(self, key: str, scored: int) -> bool:
+        row = self.rows.get(key)
+        if row is None:
+            return scored == 0
+        return row.eliminated is None and (row.val_n or 0) == scored
 
-    def _base_step(self, swapper: WeightSwapper, scorer: Scorer) -> SweepRow:
-        self._lazy_targets = swapper.targets
-        if self._total == 0:
-            self._total = self._planned_total(grid_candidates(self.config, swapper.targets))
-        t0 = time.perf_counter()
-        report, ppl = self._validate(swapper, scorer, [])
-        return SweepRow(key="base", step=0, role="base", val_accuracy=report.accuracy, val_log_loss=report.log_loss,
-                        val_perplexity=ppl, seconds=time.perf_counter() - t0, **_outcomes(report))
+    def _eliminate(self, alive: list[Candidate], round_no: int) -> list[Candidate]:
+        """Drop configs whose upper Wilson bound is below the best lower bound among eligible configs."""
+        conf = self.config.halving_confidence
+        rows = [self.rows[c.key] for c in alive if c.key in self.rows]
+        bounds = {r.key: wilson_interval(r.val_n_correct or 0, r.val_n or 0, conf) for r in rows}
+        lows = [bounds[r.key][0] for r in rows if self.eligible(r)]
+        if not lows:
+            return [c for c in alive if c.key in self.rows and self.rows[c.key].eliminated is None]
+        best_low = max(lows)
+        for r in rows:
+            if r.eliminated is None and bounds[r.key][1] < best_low:
+                r.eliminated = (f"round {round_no}: upper {conf:.0%} Wilson bound {bounds[r.key][1]:.3f} below the "
+                                f"best lower bound {best_low:.3f} after {r.val_n} examples")
+        return [c for c in alive if c.key in self.rows and self.rows[c.key].eliminated is None]
 
-    def _spectrum_step(self, swapper: WeightSwapper, scorer: Scorer) -> SweepRow:
-        t0 = time.perf_counter()
-        self._lazy_targets = swapper.targets
-        mats = {(c.type, c.layer) for c in grid_candidates(self.config, swapper.targets)}
-        snr = {f"{t}:{layer}": swapper.spectrum(t, layer).snr for t, layer in sorted(mats)}
-        return SweepRow(key="spectrum", step=0, role="spectrum", snr=snr, seconds=time.perf_counter() - t0)
-
-    def _config_step(self, profile: list[Candidate]) -> Callable[[WeightSwapper, Scorer], SweepRow]:
-        def run(swapper: WeightSwapper, scorer: Scorer) -> SweepRow:
-            t0 = time.perf_counter()
-            specs = [c.spec() for c in profile]
-            report, ppl = self._validate(swapper, scorer, specs)
-            last = profile[-1]
-            return SweepRow(key=profile_key(profile), step=0, role="config", interventions=specs, type=last.type,
-                            layer=last.layer, rho=last.rho, val_accuracy=report.accuracy,
-                            val_log_loss=report.log_loss, val_perplexity=ppl, seconds=time.perf_counter() - t0,
-                            **_outcomes(report))
-        return run
-
-    def _test_step(self, swapper: WeightSwapper, scorer: Scorer) -> SweepRow:
-        t0 = time.perf_counter()
+    def _test_plan(self) -> StepPlan:
         winner = self.best()
-        specs = winner.interventions if winner is not None else []
-        base_report = self._evaluate(swapper, scorer, self.split.test, [], cache=False)
-        win_report = self._evaluate(swapper, scorer, self.split.test, specs, cache=False)
-        test = TestReport(
-            winner_key=winner.key if winner else "base", interventions=specs, base=base_report, winner=win_report,
-            delta_accuracy=win_report.accuracy - base_report.accuracy,
-            mcnemar=mcnemar_exact(base_report.correct, win_report.correct).to_dict())
-        logger.info("test: base %.4f -> winner %.4f; %s", base_report.accuracy, win_report.accuracy,
-                    test.mcnemar["verdict"])
-        return SweepRow(key="test", step=0, role="test", interventions=specs, val_accuracy=None, test=test,
-                        seconds=time.perf_counter() - t0)
-
-    def _validate(self, swapper: WeightSwapper, scorer: Scorer, specs: list[dict[str, Any]]
-                  ) -> tuple[EvalReport, float | None]:
-        report = self._evaluate(swapper, scorer, self.split.validation, specs, cache=True)
-        ppl = None
-        if self.config.max_perplexity_ratio is not None:
-            with swapper.applied_profile(specs):
-                ppl = perplexity(scorer, self._guard_texts)
-        return report, ppl
-
-    def _evaluate(self, swapper: WeightSwapper, scorer: Scorer, data: Dataset, specs: list[dict[str, Any]],
-                  *, cache: bool) -> EvalReport:
-        """One profile on one split, through the fast evaluator where it applies."""
-        if data.kind == "multiple_choice" and self.config.fast and isinstance(scorer, HFScorer):
-            key = (id(scorer), data.name)
-            ev = self._fast.get(key)
-            if ev is None:
-                ev = FastChoiceEvaluator(scorer, data.choice_items(), batch_size=self.config.batch_size,
-                                         normalize=self.config.normalize,
-                                         max_cache_bytes=(1 << 30) if cache else 0)
-                self._fast[key] = ev
-            return report_from_predictions(data, ev.evaluate_profile(swapper, specs))
-        with swapper.applied_profile(specs):
-            if data.kind == "multiple_choice":
-                return evaluate_multiple_choice(scorer, data, normalize=self.config.normalize)
-            return evaluate_generation(scorer, data, max_new_tokens=self.config.max_new_tokens)
+        configs = [PlannedConfig(key=winner.key, interventions=winner.interventions, type=winner.type,
+                                 layer=winner.layer, rho=winner.rho)] if winner is not None else []
+        return StepPlan(key="test", role="test", configs=configs, cost=2 * self._cost(None, len(self.split.test)))
 
     # ---- progress
+
+    def _layers(self) -> int:
+        return self._targets.num_layers if self._targets is not None else 1
+
+    def _cost(self, layer: int | None, n: int) -> float:
+        """Example x layer evaluations: the fast evaluator reruns layers >= the lowest edited one; base, test
+        and the plain path run every layer."""
+        n_layers = self._layers()
+        fast = self.config.fast and self.dataset.kind == "multiple_choice"
+        return float(n * (n_layers - layer if fast and layer is not None else n_layers))
+
+    def _cost_of(self, rows: Sequence[SweepRow]) -> float:
+        total = 0.0
+        for r in rows:
+            if r.role == "base":
+                total += self._cost(None, self.n_validation)
+            elif r.role == "test":
+                total += 2 * self._cost(None, len(self.split.test))
+            elif r.role == "config" and r.interventions:
+                layer = min(int(s.get("layer", 0)) for s in r.interventions)
+                total += self._cost(layer, len(r.val_indices) if r.val_indices is not None else (r.val_n or 0))
+        return total
+
+    def _remaining_cost(self) -> float:
+        if self._targets is None:
+            return 0.0
+        left = 0.0 if self.base is not None else self._cost(None, self.n_validation)
+        if self.stopped in ("running",):
+            cands = [c for c in self._candidates() if c.key not in self.rows
+                     or not self.finished(self.rows[c.key])]
+            room = self._room()
+            if room is not None:
+                cands = cands[:room]
+            for c in cands:
+                row = self.rows.get(c.key)
+                left += self._cost(c.layer, self.n_validation - ((row.val_n or 0) if row is not None else 0))
+        if "test" not in self.rows and self.stopped != "cancelled":
+            left += 2 * self._cost(None, len(self.split.test))
+        return left
 
     def _emit(self, last: SweepRow | None) -> None:
         if self.on_progress is None:
             return
-        done = len(self.rows)
-        total = max(self._total, done)
-        mean = sum(self._ran) / len(self._ran) if self._ran else None
-        eta = mean * (total - done) if mean is not None else None
+        done = sum(1 for r in self.rows.values() if self.finished(r) and r.role != "spectrum")
+        total = max(self._planned_total(), done)
+        spent = sum(c for _, c in self._ran)
+        eta = None
+        if spent > 0:
+            try:
+                eta = sum(s for s, _ in self._ran) / spent * self._remaining_cost()
+            except Exception:  # noqa: BLE001 - an estimate must never stop the sweep
+                logger.debug("eta failed", exc_info=True)
         try:
             self.on_progress(SweepProgress(done=done, total=total, elapsed_s=self._clock() - self._t0, eta_s=eta,
                                            best=self.best(), last=last))
         except Exception:  # noqa: BLE001 - a broken progress sink must not kill the sweep
             logger.exception("progress callback failed")
+
+    def _planned_total(self) -> int:
+        if self._targets is None:
+            return len(self.rows)
+        return planned_total(self.config, len(grid_candidates(self.config, self._targets)))
+
+
+def planned_total(config: SweepConfig, n_grid: int) -> int:
+    """Rows a sweep will finish: its configs (within max_configs), base and test."""
+    n = n_grid if config.max_configs is None else min(n_grid, config.max_configs)
+    return n + 2
 
 
 def run_sweep(config: SweepConfig, dataset: Dataset | None, swapper: WeightSwapper, scorer: Scorer, *,

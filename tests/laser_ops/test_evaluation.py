@@ -20,7 +20,6 @@ from laser_ops.evaluation import (
     report_from_predictions,
     wilson_interval,
 )
-from laser_ops.fast_choice import FastChoiceEvaluator
 from laser_ops.scoring import GenerationRequest, HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
@@ -149,73 +148,7 @@ def test_perplexity_guard_value(scorer: HFScorer) -> None:
     assert perplexity(scorer, texts) == pytest.approx(expected)
 
 
-# ---- fast evaluator
-
-
-def _assert_same(fast, plain) -> None:
-    assert [p.index for p in fast] == [p.index for p in plain]
-    for f, p in zip(fast, plain):
-        assert f.n_tokens == p.n_tokens
-        assert f.logprobs == pytest.approx(p.logprobs, abs=1e-4)
-
-
-def test_fast_evaluator_equals_plain_path_on_tiny_llama(scorer: HFScorer, swapper: WeightSwapper) -> None:
-    ds = toy_mc(24)
-    fast = FastChoiceEvaluator(scorer, ds.choice_items(), batch_size=4)
-    assert fast.fast and fast.prefix_len > 5  # the shared instruction is computed once
-    for specs in PROFILES + PROFILES[::-1]:  # reversed: states come from the cache, not a fresh pass
-        got = fast.evaluate_profile(swapper, specs)
-        with swapper.applied_profile(specs):
-            want = scorer.predict_choices(ds.choice_items())
-        _assert_same(got, want)
-    assert swapper.is_base
-    assert len({tuple(p.index for p in fast.evaluate_profile(swapper, s)) for s in PROFILES}) > 1
-
-
-def test_fast_evaluator_truncation_and_no_shared_prefix(swapper: WeightSwapper) -> None:
-    short = HFScorer(_llama(), tiny_tokenizer(), batch_size=3, max_length=12)  # forces left truncation
-    ds = toy_mc(10, seed=3, prefix="")
-    items = [(f"{i} " + c, ch) for i, (c, ch) in enumerate(ds.choice_items())]
-    fast = FastChoiceEvaluator(short, items, batch_size=3)
-    assert fast.fast
-    for specs in PROFILES[:3]:
-        got = fast.evaluate_profile(swapper, specs)
-        with swapper.applied_profile(specs):
-            _assert_same(got, short.predict_choices(items))
-
-
-def test_fast_evaluator_falls_back_for_other_archs() -> None:
-    model = make_tiny_model("gpt2")
-    sc = HFScorer(model, tiny_tokenizer())
-    ds = toy_mc(6)
-    fast = FastChoiceEvaluator(sc, ds.choice_items())
-    assert not fast.fast
-    sw = WeightSwapper(model, svd_cache=SvdCache("tiny-gpt2"))
-    spec = [{"target": "fc_in", "layer": 1, "rank_fraction": 0.1}]
-    got = fast.evaluate_profile(sw, spec)
-    with sw.applied_profile(spec):
-        _assert_same(got, sc.predict_choices(ds.choice_items()))
-
-
 def test_report_from_predictions_checks_length(scorer: HFScorer) -> None:
     ds = toy_mc(3)
     with pytest.raises(ValueError, match="predictions"):
         report_from_predictions(ds, scorer.predict_choices(ds.choice_items()[:2]))
-
-
-@pytest.mark.integration
-def test_fast_evaluator_equals_plain_path_on_smollm2() -> None:
-    from laser_ops.datasets import builtin_dataset, stratified_split
-    from laser_ops.loading import load_model
-
-    lm = load_model("smollm2-135m")
-    sc = HFScorer(lm.model, lm.tokenizer, batch_size=8)
-    sw = WeightSwapper(lm.model, svd_cache=SvdCache(lm.fingerprint))
-    val = stratified_split(builtin_dataset("epistemic_reasoning"), seed=0).validation.subset(range(16))
-    fast = FastChoiceEvaluator(sc, val.choice_items(), batch_size=8)
-    assert fast.fast
-    for specs in ([], [{"target": "fc_in", "layer": 27, "rank_fraction": 0.01}],
-                  [{"target": "fc_out", "layer": 20, "rank_fraction": 0.05}]):
-        got = fast.evaluate_profile(sw, specs)
-        with sw.applied_profile(specs), torch.inference_mode():
-            _assert_same(got, sc.predict_choices(val.choice_items()))
