@@ -280,3 +280,5 @@ class StepPlan(BaseModel):
     configs: list[PlannedConfig] = Field(default_factory=list)
     block: int | None = None
     cost: float = 0.0
+    independent: bool = Field(False, description=(
+        "The steps after this one do not read its rows: a pool may start them before it finishes."))

@@ -38,7 +38,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +72,7 @@ from laser_ops.targets import ModelTargets
 __all__ = [
     "NO_KNOB", "PAPER_RHOS", "PAPER_TYPES", "Candidate", "PlannedConfig", "StepPlan", "StopReason", "Strategy",
     "SweepConfig", "SweepConfigError", "SweepProgress", "SweepResult", "SweepRow", "SweepRunner", "SweepStep",
-    "TestReport", "grid_candidates", "profile_key", "rows_to_jsonl", "run_sweep",
+    "TestReport", "grid_candidates", "planned_total", "profile_key", "rows_to_jsonl", "run_steps", "run_sweep",
 ]
 
 logger = logging.getLogger(__name__)
@@ -312,12 +314,16 @@ class SweepRunner:
             return (yield from self._greedy(candidates))
         if self.config.strategy == "successive_halving":
             return (yield from self._halving(candidates))
+        room = self._room()  # counted from what is planned, so steps may be handed out before they are recorded
         for group in self._groups([c for c in candidates if c.key not in self.rows]):
-            if not self._budget_left():
+            if not self._budget_left(new_configs=False):
                 break
-            room = self._room()
-            group = group if room is None else group[:room]
-            yield self._step(self._group_plan(group, None))
+            if room is not None:
+                if room <= 0:
+                    self.stopped = "max_configs"
+                    break
+                group, room = group[:room], room - len(group[:room])
+            yield self._step(self._group_plan(group, None, independent=True))
         return bool(self.config_rows())
 
     @staticmethod
@@ -331,11 +337,11 @@ class SweepRunner:
                 groups.append([c])
         return groups
 
-    def _group_plan(self, group: Sequence[Candidate], block: int | None) -> StepPlan:
+    def _group_plan(self, group: Sequence[Candidate], block: int | None, *, independent: bool) -> StepPlan:
         n = self.n_validation if block is None else len(self.executor.blocks[block])  # type: ignore[index]
         return StepPlan(key=group[0].key if len(group) == 1 else f"{group[0].type}:{group[0].layer}",
                         role="config", configs=[_planned([c]) for c in group], block=block,
-                        cost=self._cost(group[0].layer, n) * len(group))
+                        cost=self._cost(group[0].layer, n) * len(group), independent=independent)
 
     def _require_targets(self) -> ModelTargets:
         if self._targets is None:
@@ -388,10 +394,12 @@ class SweepRunner:
         scored = 0
         for r, block in enumerate(blocks):
             need = [c for c in alive if self._needs_block(c.key, scored)]
-            for group in self._groups(need):
+            groups = self._groups(need)
+            for g, group in enumerate(groups):
                 if not self._budget_left(new_configs=False):  # alive is already within max_configs
                     return bool(self.config_rows())
-                yield self._step(self._group_plan(group, r))
+                # eliminations read every row of the round: only its last step is a barrier
+                yield self._step(self._group_plan(group, r, independent=g < len(groups) - 1))
             scored += len(block)
             alive = self._eliminate(alive, r + 1)
         return bool(self.config_rows())
@@ -492,6 +500,36 @@ def planned_total(config: SweepConfig, n_grid: int) -> int:
     """Rows a sweep will finish: its configs (within max_configs), base and test."""
     n = n_grid if config.max_configs is None else min(n_grid, config.max_configs)
     return n + 2
+
+
+def run_steps(runner: SweepRunner, targets: ModelTargets,
+              submit: Callable[[SweepStep], Future[list[SweepRow]]], *, max_in_flight: int = 1,
+              on_record: Callable[[list[SweepRow]], None] | None = None) -> SweepResult:
+    """Drive a runner through ``submit`` (e.g. a pool of remote workers), up to ``max_in_flight`` steps at once.
+
+    Steps marked ``independent`` are handed out before earlier ones finish; rows are recorded in the order
+    the steps were planned, so the result equals running the steps one by one in process. ``on_record``
+    gets each step's rows as recorded by the runner (to persist them).
+    """
+    pending: deque[Future[list[SweepRow]]] = deque()
+
+    def settle() -> None:
+        rows = pending.popleft().result()
+        runner.record(rows)
+        if on_record is not None:
+            on_record([runner.rows[r.key] for r in rows])
+
+    try:
+        for step in runner.steps(targets):
+            pending.append(submit(step))
+            while pending and (not step.plan.independent or len(pending) >= max(1, max_in_flight)):
+                settle()
+        while pending:
+            settle()
+    finally:
+        for f in pending:
+            f.cancel()
+    return runner.result()
 
 
 def run_sweep(config: SweepConfig, dataset: Dataset | None, swapper: WeightSwapper, scorer: Scorer, *,

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     svd_disk_cache_bytes: int = Field(8 << 30, ge=0, description="Bytes of SVD factors persisted under data_dir/svd (0: off).")
     profile_refresh_s: float = Field(2.0, ge=0, description=(
         "Seconds between checks for profiles written by other replicas sharing the store (0: off)."))
+    ray_address: str | None = Field(None, description=(
+        "Run sweep steps on a pool of Ray actors at this address ('local' starts a local cluster); unset: in-process."))
+    ray_actors: int = Field(2, ge=1, le=1024, description="Ray actors per sweep job (each loads the model).")
+    ray_threads_per_actor: int = Field(1, ge=1, le=256, description="Torch threads (and Ray CPUs) per actor.")
     arch_spec: Path | None = Field(None, description="JSON file registering an extra architecture (see README).")
     log_level: str = Field("info", description="debug, info, warning, error.")
 

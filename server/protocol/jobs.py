@@ -20,6 +20,9 @@ class SweepJobCreate(SweepConfig):
     dataset: str = Field(..., pattern=DATASET_NAME_PATTERN, max_length=64, description=(  # type: ignore[assignment]
         "Name of an uploaded or built-in dataset (epistemic_reasoning, qa_wikidata)."),
         examples=["epistemic_reasoning"])
+    ray_address: str | None = Field(None, max_length=256, description=(
+        "Evaluate this job's steps on a pool of Ray actors at this address ('local' starts a local cluster); "
+        "unset: the server's ray_address setting, else in-process on the engine thread."))
 
 
 class Accuracy(BaseModel):
@@ -33,6 +36,18 @@ class Accuracy(BaseModel):
     log_loss: float | None = Field(None, description="Mean -log P(gold answer).")
 
 
+class LabelMetricsPublic(BaseModel):
+    """What accuracy alone hides: the split's majority baseline and how concentrated the answers are."""
+
+    majority_label: str | None = Field(None, description="The answer that is right most often on these examples.")
+    majority_accuracy: float = Field(0.0, description="Accuracy of always answering majority_label.")
+    top_answer: str | None = Field(None, description="The model's most frequent answer.")
+    top_answer_share: float = Field(0.0, description="Share of examples given top_answer.")
+    collapsed: bool = Field(False, description="top_answer_share >= 0.95: (nearly) one answer for everything.")
+    balanced_accuracy: float | None = Field(None, description="Mean per-label recall (multiple choice).")
+    macro_f1: float | None = Field(None, description="Mean per-label F1 (multiple choice).")
+
+
 class SweepRowPublic(BaseModel):
     """One finished step of the per-config table (validation split)."""
 
@@ -44,10 +59,15 @@ class SweepRowPublic(BaseModel):
     rho: float | None = Field(None, description="Rank fraction of the (last) edit.")
     interventions: list[dict[str, Any]] = Field(default_factory=list, description="The profile evaluated.")
     validation: Accuracy | None = Field(None, description="Validation accuracy with its 95% CI and log-loss.")
-    delta_accuracy: float | None = Field(None, description="Validation accuracy minus base's.")
+    labels: LabelMetricsPublic | None = Field(None, description="Majority baseline, answer concentration, "
+                                                                "balanced accuracy and macro-F1 on validation.")
+    collapsed: bool = Field(False, description="Gives one answer on >= 95% of validation examples; cannot win "
+                                               "unless the sweep allows collapsed configs.")
+    delta_accuracy: float | None = Field(None, description="Validation accuracy minus base's (same examples).")
     delta_log_loss: float | None = Field(None, description="Validation log-loss minus base's.")
     val_perplexity: float | None = Field(None, description="Perplexity guard value (when configured).")
     rejected: str | None = Field(None, description="Why this config cannot win (perplexity guard).")
+    eliminated: str | None = Field(None, description="successive_halving: why and when the config was dropped.")
     kept: bool | None = Field(None, description="greedy_compose: the edit was kept.")
     seconds: float = Field(0.0, description="Seconds the step took.")
 
@@ -62,8 +82,18 @@ class McNemar(BaseModel):
     significant: bool = Field(..., description="p < alpha.")
 
 
+class MajorityBaseline(BaseModel):
+    """The constant predictor that always answers the test split's most frequent correct answer."""
+
+    label: str = Field(..., description="The answer it always gives.")
+    accuracy: float = Field(..., description="Its test accuracy.")
+    mcnemar: McNemar = Field(..., description="Exact McNemar of the winner against it (only_base: examples only "
+                                              "the constant gets right).")
+    beaten: bool = Field(..., description="The winner is significantly better than the constant predictor.")
+
+
 class TestReportPublic(BaseModel):
-    """Base vs the validation winner on the held-out test split."""
+    """Base vs the validation winner on the held-out test split, and both vs the majority baseline."""
 
     __test__ = False
 
@@ -71,10 +101,15 @@ class TestReportPublic(BaseModel):
     interventions: list[dict[str, Any]] = Field(..., description="The winner's edits.")
     base: Accuracy = Field(..., description="Base model on test.")
     winner: Accuracy = Field(..., description="Winner on test.")
+    base_labels: LabelMetricsPublic | None = Field(None, description="Base model's label metrics on test.")
+    winner_labels: LabelMetricsPublic | None = Field(None, description="Winner's label metrics on test.")
     delta_accuracy: float = Field(..., description="Winner minus base test accuracy.")
-    mcnemar: McNemar = Field(..., description="Paired exact McNemar test.")
-    significant: bool = Field(..., description="True only for a gain significant at alpha.")
-    verdict: str = Field(..., description="Plain words, e.g. 'the gain is not significant (p=0.41)'.")
+    mcnemar: McNemar = Field(..., description="Paired exact McNemar test against base.")
+    majority: MajorityBaseline | None = Field(None, description="The majority-class baseline and the winner's "
+                                                                "test against it.")
+    significant: bool = Field(..., description="True only for a gain over base significant at alpha.")
+    verdict: str = Field(..., description="Plain words, e.g. \"the winner beats base by +3.1 points on test "
+                                          "(significant, ...); but it does not beat always-'false' (...)\".")
 
 
 class JobProgress(BaseModel):
@@ -127,6 +162,46 @@ class JobPublic(JobSummary):
     rows: list[SweepRowPublic] = Field(..., description="Every finished step, in order.")
     test: TestReportPublic | None = Field(None, description="Base vs winner on the test split, when finished.")
     verdict: str | None = Field(None, description="Plain-words conclusion of the job.")
+    example_evaluations: int | None = Field(None, description="Validation example-evaluations spent on configs.")
+    full_grid_evaluations: int | None = Field(None, description="What scoring every config on all of validation "
+                                                                "costs (successive_halving saves the difference).")
+
+
+ExampleFilter = Literal["flips", "fixed", "broken", "disagree", "all"]
+ExampleSplit = Literal["validation", "test"]
+
+
+class ExampleEvidence(BaseModel):
+    """One example under base and under a config."""
+
+    index: int = Field(..., description="Position in the split.")
+    id: int = Field(..., description="The example's id in its dataset (its position in the source file).")
+    prompt: str = Field(..., description="The prompt as scored.")
+    choices: list[str] = Field(default_factory=list, description="Candidate answers (multiple choice).")
+    gold: str = Field(..., description="The gold answer.")
+    base_answer: str = Field(..., description="Base model's answer (chosen choice or generated text).")
+    config_answer: str = Field(..., description="The config's answer.")
+    base_correct: bool = Field(..., description="Base is right.")
+    config_correct: bool = Field(..., description="The config is right.")
+    base_gold_logprob: float | None = Field(None, description="log P(gold) under base.")
+    config_gold_logprob: float | None = Field(None, description="log P(gold) under the config.")
+    change: Literal["fixed", "broken", "both_right", "both_wrong"] = Field(..., description="What the config did "
+                                                                           "to this example relative to base.")
+
+
+class ExamplePage(BaseModel):
+    """A page of per-example evidence of one config against base."""
+
+    job_id: str = Field(..., description="Job id.")
+    config: str = Field(..., description="Config key.")
+    split: ExampleSplit = Field(..., description="validation or test.")
+    filter: ExampleFilter = Field(..., description="Which examples: flips (fixed or broken), fixed, broken, "
+                                                   "disagree (different answers), all.")
+    counts: dict[str, int] = Field(..., description="fixed, broken, both_right, both_wrong over the examples scored.")
+    total: int = Field(..., description="Examples matching the filter.")
+    offset: int = Field(..., description="First example of this page.")
+    limit: int = Field(..., description="Page size.")
+    data: list[ExampleEvidence] = Field(..., description="The page.")
 
 
 class JobList(BaseModel):

@@ -8,7 +8,17 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.deps import ServicesDep
-from server.protocol.jobs import JobList, JobProgress, JobPublic, JobState, PromoteRequest, SweepJobCreate
+from server.protocol.jobs import (
+    ExampleFilter,
+    ExamplePage,
+    ExampleSplit,
+    JobList,
+    JobProgress,
+    JobPublic,
+    JobState,
+    PromoteRequest,
+    SweepJobCreate,
+)
 from server.protocol.profiles import ProfilePublic
 from server.security import AdminAuth, InferenceAuth
 from server.serving import jobs as serving
@@ -73,12 +83,31 @@ async def promote(job_id: JobPath, body: PromoteRequest, request: Request, servi
     return profile
 
 
+@router.get("/{job_id}/examples", response_model=ExamplePage, dependencies=[InferenceAuth],
+            responses={409: {"description": "No base or test report yet, or the dataset is gone."}, **_NOT_FOUND})
+async def job_examples(
+    job_id: JobPath,
+    services: ServicesDep,
+    config: Annotated[str, Query(min_length=1, max_length=512, description="Config key (or 'base').")],
+    split: Annotated[ExampleSplit, Query(description="validation (every config) or test (base and the winner).")]
+    = "validation",
+    filter: Annotated[ExampleFilter, Query(description="flips: examples the config fixed or broke relative to "
+                                                       "base; fixed; broken; disagree: different answers; all.")]
+    = "flips",
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="Skip this many matching examples.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
+) -> ExamplePage:
+    """Per-example evidence of a config against base: prompt, gold, both answers, what it fixed and broke."""
+    return await serving.examples(services, job_id, config, split, filter, offset, limit)
+
+
 @router.get("/{job_id}/plot.png", dependencies=[InferenceAuth], response_class=Response,
-            responses={200: {"description": "PNG heatmap of validation accuracy (layer x rho, one panel per "
-                                            "type, base marked).",
+            responses={200: {"description": "PNG heatmap of the change in validation accuracy versus base, in "
+                                            "points (layer x rho, one panel per type; collapsed configs hatched, "
+                                            "best framed).",
                              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
                        409: {"description": "Nothing to plot yet."},
                        **_NOT_FOUND})
 async def plot(job_id: JobPath, services: ServicesDep) -> Response:
-    """Heatmap of validation accuracy over layer x rho per type, base marked (the paper's Figure 2)."""
+    """Heatmap of the change in validation accuracy versus base over layer x rho per type (the paper's Figure 2)."""
     return Response(await serving.plot_png(services, job_id), media_type="image/png")

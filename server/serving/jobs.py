@@ -22,20 +22,39 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from laser_ops.evaluation import EvalReport, wilson_interval
+from laser_ops.datasets import Dataset
+from laser_ops.evaluation import EvalReport, LabelMetrics, wilson_interval
 from laser_ops.interventions import InterventionError, parse_profile
 from laser_ops.plots import accuracy_heatmap_png
-from laser_ops.sweeps import SweepConfig, SweepConfigError, SweepProgress, SweepRow, SweepRunner, grid_candidates
+from laser_ops.ray_sweeps import ModelSource, PoolClosed, RaySweepPool
+from laser_ops.sweep_steps import evaluations_of, plan_split
+from laser_ops.sweeps import (
+    SweepConfig,
+    SweepConfigError,
+    SweepProgress,
+    SweepResult,
+    SweepRow,
+    SweepRunner,
+    grid_candidates,
+    planned_total,
+    run_steps,
+)
 from laser_ops.targets import TargetError
 from server.engine import RequestCancelled
 from server.errors import ApiError
 from server.protocol.jobs import (
     TERMINAL_STATES,
     Accuracy,
+    ExampleEvidence,
+    ExampleFilter,
+    ExamplePage,
+    ExampleSplit,
     JobList,
     JobProgress,
     JobPublic,
     JobSummary,
+    LabelMetricsPublic,
+    MajorityBaseline,
     McNemar,
     PromoteRequest,
     SweepJobCreate,
@@ -198,10 +217,16 @@ def _accuracy(report: EvalReport) -> Accuracy:
                     n_correct=report.n_correct, n=report.n, log_loss=report.log_loss)
 
 
+def _labels(labels: LabelMetrics | None) -> LabelMetricsPublic | None:
+    return LabelMetricsPublic(**labels.model_dump()) if labels is not None else None
+
+
 def row_public(r: SweepRow, n_validation: int | None = None) -> SweepRowPublic:
     val = None
     if r.val_accuracy is not None:
-        if r.val_correct:
+        if r.val_n is not None:
+            n, k = r.val_n, r.val_n_correct or 0
+        elif r.val_correct:
             n, k = len(r.val_correct), sum(r.val_correct)
         else:
             n = n_validation or 0
@@ -209,40 +234,33 @@ def row_public(r: SweepRow, n_validation: int | None = None) -> SweepRowPublic:
         lo, hi = wilson_interval(k, n)
         val = Accuracy(accuracy=r.val_accuracy, ci_low=lo, ci_high=hi, n_correct=k, n=n, log_loss=r.val_log_loss)
     return SweepRowPublic(key=r.key, step=r.step, role=r.role, type=r.type, layer=r.layer, rho=r.rho,
-                          interventions=r.interventions, validation=val, delta_accuracy=r.delta_accuracy,
-                          delta_log_loss=r.delta_log_loss, val_perplexity=r.val_perplexity, rejected=r.rejected,
+                          interventions=r.interventions, validation=val, labels=_labels(r.val_labels),
+                          collapsed=r.collapsed, delta_accuracy=r.delta_accuracy, delta_log_loss=r.delta_log_loss,
+                          val_perplexity=r.val_perplexity, rejected=r.rejected, eliminated=r.eliminated,
                           kept=r.kept, seconds=r.seconds)
+
+
+def _mcnemar(m: dict[str, Any]) -> McNemar:
+    return McNemar(only_base=m["only_a"], only_winner=m["only_b"], p_value=float(m["p_value"]), alpha=m["alpha"],
+                   significant=bool(m["significant"]))
 
 
 def test_public(row: SweepRow) -> TestReportPublic | None:
     t = row.test
     if t is None:
         return None
-    m = t.mcnemar
-    p, significant = float(m["p_value"]), bool(m["significant"])
-    d = 100 * t.delta_accuracy
-    if t.winner_key == "base":
-        verdict = "no config beat the base model on validation; the winner is the base model itself"
-    elif significant and t.delta_accuracy > 0:
-        verdict = f"the gain of {d:+.1f} points on test is significant (exact McNemar p={p:.2g})"
-    elif significant:
-        verdict = f"the winner is significantly worse than base on test ({d:+.1f} points, p={p:.2g})"
-    elif t.delta_accuracy > 0:
-        verdict = f"the gain of {d:+.1f} points on test is not significant (p={p:.2g})"
-    else:
-        verdict = f"the winner does not beat base on test ({d:+.1f} points); the difference is not significant " \
-                  f"(p={p:.2g})"
+    m = _mcnemar(t.mcnemar)
+    majority = None
+    if t.majority_label is not None and t.majority_accuracy is not None and t.mcnemar_majority is not None:
+        mm = _mcnemar(t.mcnemar_majority)
+        majority = MajorityBaseline(label=t.majority_label, accuracy=t.majority_accuracy, mcnemar=mm,
+                                    beaten=mm.significant and t.winner.accuracy > t.majority_accuracy)
+    verdict = t.verdict or (f"winner {t.delta_accuracy * 100:+.1f} points vs base on test; "
+                            f"{t.mcnemar.get('verdict', '')}")  # rows stored before verdicts existed
     return TestReportPublic(
         winner_key=t.winner_key, interventions=t.interventions, base=_accuracy(t.base), winner=_accuracy(t.winner),
-        delta_accuracy=t.delta_accuracy,
-        mcnemar=McNemar(only_base=m["only_a"], only_winner=m["only_b"], p_value=p, alpha=m["alpha"],
-                        significant=significant),
-        significant=significant and t.delta_accuracy > 0, verdict=verdict)
-
-
-def planned_total(config: SweepConfig, n_grid: int) -> int:
-    n = n_grid if config.max_configs is None else min(n_grid, config.max_configs)
-    return n + 2 + (config.strategy == "spectral_prior")  # base and test (and the spectrum step)
+        base_labels=_labels(t.base.labels), winner_labels=_labels(t.winner.labels), delta_accuracy=t.delta_accuracy,
+        mcnemar=m, majority=majority, significant=m.significant and t.delta_accuracy > 0, verdict=verdict)
 
 
 # ---------------------------------------------------------------------------------------------- manager
@@ -255,6 +273,7 @@ class _Live:
     job_id: str
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: SweepProgress | None = None
+    pool: RaySweepPool | None = None  # the job's Ray actors, when it runs on Ray (cancel closes them)
     started: float = field(default_factory=time.monotonic)
     elapsed_before: float = 0.0
 
@@ -274,7 +293,7 @@ class JobManager:
         self._wake = asyncio.Event()
         self._subscribers: dict[str, set[asyncio.Queue[JobProgress]]] = {}
         self._live: _Live | None = None
-        self.steps_run = 0  # steps executed by this manager (a resumed job does not rerun finished ones)
+        self.rows_run = 0  # rows computed by this manager (a resumed job does not recompute finished ones)
 
     # -- lifecycle
 
@@ -337,25 +356,16 @@ class JobManager:
             self._state_changed(job.id)
             dataset = await asyncio.to_thread(self.datasets.get, job.dataset)
             rows = await asyncio.to_thread(self.store.rows, job.id)
-            config = SweepConfig.model_validate(job.config)
+            config = job_config(job)
             runner = await asyncio.to_thread(SweepRunner, config, dataset, completed=rows,
                                              on_progress=on_progress, should_cancel=live.cancel.is_set)
             if resumed:
                 logger.info("job %s: resuming with %d finished step(s)", job.id, len(rows))
-            steps = runner.steps(self.services.swapper.targets)
-            while True:
-                step = await asyncio.to_thread(next, steps, None)
-                if step is None:
-                    break
-                try:
-                    row = await self.services.engine.run_task(step.run, cancelled=live.cancel, background=True)
-                except RequestCancelled:
-                    break
-                runner.record(row)
-                self.steps_run += 1
-                await asyncio.to_thread(self._persist_step, job.id, row, runner, live)
-                await self._after_step(job.id, row)
-            result = runner.result()
+            address = job.config.get("ray_address") or self.services.settings.ray_address
+            if address:
+                result = await self._run_on_ray(job, address, config, dataset, runner, live)
+            else:
+                result = await self._run_in_process(job, runner, live)
             await asyncio.to_thread(self.store.put_rows, job.id, result.rows)  # greedy 'kept' flags settle late
             best = runner.best()
             fields = dict(finished_at=time.time(), stopped=result.stopped, done=len(runner.rows),
@@ -379,8 +389,50 @@ class JobManager:
             self._live = None
         self._state_changed(job.id)
 
-    def _persist_step(self, job_id: str, row: SweepRow, runner: SweepRunner, live: _Live) -> None:
-        self.store.put_rows(job_id, [row])
+    async def _run_in_process(self, job: JobRecord, runner: SweepRunner, live: _Live) -> SweepResult:
+        """Each step is an engine task on the model-owner thread, so inference runs between steps."""
+        steps = runner.steps(self.services.swapper.targets)
+        while True:
+            step = await asyncio.to_thread(next, steps, None)
+            if step is None:
+                break
+            try:
+                rows = await self.services.engine.run_task(step.run, cancelled=live.cancel, background=True)
+            except RequestCancelled:
+                break
+            runner.record(rows)
+            self.rows_run += len(rows)
+            recorded = [runner.rows[r.key] for r in rows]
+            await asyncio.to_thread(self._persist_step, job.id, recorded, runner, live)
+            await self._after_step(job.id, recorded[-1])
+        return runner.result()
+
+    async def _run_on_ray(self, job: JobRecord, address: str, config: SweepConfig, dataset: Dataset,
+                          runner: SweepRunner, live: _Live) -> SweepResult:
+        """The job's steps on a pool of Ray actors (each loads this server's model; fingerprint checked)."""
+        settings, loaded = self.services.settings, self.services.loaded
+        source = ModelSource(loaded.source, loaded.fingerprint, device=settings.device, dtype=settings.dtype,
+                             cache_dir=str(settings.cache_dir) if settings.cache_dir else None)
+        pool = await asyncio.to_thread(RaySweepPool, address, source, config, dataset, actors=settings.ray_actors,
+                                       threads=settings.ray_threads_per_actor, svd_cache_bytes=settings.svd_cache_bytes)
+        live.pool = pool
+        try:
+            def persist(rows: list[SweepRow]) -> None:
+                self.rows_run += len(rows)
+                self._persist_step(job.id, rows, runner, live)
+
+            return await asyncio.to_thread(run_steps, runner, self.services.swapper.targets, pool.submit,
+                                           max_in_flight=pool.size, on_record=persist)
+        except PoolClosed:
+            if not live.cancel.is_set():
+                raise
+            return runner.result()
+        finally:
+            live.pool = None
+            await asyncio.to_thread(pool.close)
+
+    def _persist_step(self, job_id: str, rows: list[SweepRow], runner: SweepRunner, live: _Live) -> None:
+        self.store.put_rows(job_id, rows)
         best = runner.best()
         total = live.progress.total if live.progress is not None else None
         self.store.update(job_id, done=len(runner.rows), elapsed_s=live.elapsed,
@@ -398,6 +450,8 @@ class JobManager:
         live = self._live
         if live is not None and live.job_id == job_id:
             live.cancel.set()
+            if live.pool is not None:
+                live.pool.close()  # stops the actors: in-flight steps end now, not after they finish
         self._state_changed(job_id)
         job = self.store.get(job_id)
         assert job is not None
@@ -423,7 +477,7 @@ class JobManager:
         total = job.total
         done = len(rows)
         if live is not None and live.progress is not None:
-            total = live.progress.total
+            total, done = live.progress.total, live.progress.done
         verdict = test.verdict if test is not None else None
         if job.state == "cancelled" and verdict is None:
             verdict = f"cancelled after {done} of {total} steps; the best config so far is promotable"
@@ -435,7 +489,9 @@ class JobManager:
             stopped=job.stopped, n_validation=n_val, n_test=job.n_test,
             base=row_public(base, n_val) if base is not None else None,
             best=row_public(best, n_val) if best is not None else None, beats_base_on_validation=beats,
-            rows=[row_public(r, n_val) for r in rows], test=test, verdict=verdict)
+            rows=[row_public(r, n_val) for r in rows], test=test, verdict=verdict,
+            example_evaluations=evaluations_of(rows) if n_val else None,
+            full_grid_evaluations=sum(r.role == "config" for r in rows) * n_val if n_val else None)
 
     @staticmethod
     def _summary(job: JobRecord, done: int | None = None, total: int | None = None) -> JobSummary:
@@ -536,6 +592,11 @@ async def shutdown(app: Any) -> None:
 # ---------------------------------------------------------------------------------------------- logic
 
 
+def job_config(job: JobRecord) -> SweepConfig:
+    """The job's sweep config (the stored JSON also carries where it runs: ray_address)."""
+    return SweepConfig.model_validate({k: v for k, v in job.config.items() if k != "ray_address"})
+
+
 def _get(services: Services, job_id: str) -> JobRecord:
     job = manager(services).store.get(job_id)
     if job is None:
@@ -562,16 +623,18 @@ async def create_sweep(services: Services, body: SweepJobCreate) -> JobPublic:
     if body.dataset not in m.datasets:
         known = [d.name for d in datasets_serving.list_datasets(services).data]
         raise ApiError(404, f"unknown dataset {body.dataset!r}; known: {known}", ("body", "dataset"))
-    config = SweepConfig.model_validate(body.model_dump())
+    config = SweepConfig.model_validate(body.model_dump(exclude={"ray_address"}))
     n_grid = _check_grid(services, config)
     dataset = await asyncio.to_thread(m.datasets.get, body.dataset)
     try:
         runner = await asyncio.to_thread(SweepRunner, config, dataset)
     except (ValueError, SweepConfigError) as e:
-        raise ApiError(422, f"dataset {body.dataset!r} cannot be split with this config: {e}",
-                       ("body", getattr(e, "field", "validation_fraction"))) from None
+        fld = getattr(e, "field", "validation_fraction")
+        what = "cannot be split with this config" if fld == "validation_fraction" else "does not fit this config"
+        raise ApiError(422, f"dataset {body.dataset!r} {what}: {e}", ("body", fld)) from None
+    stored = config.model_dump(mode="json") | ({"ray_address": body.ray_address} if body.ray_address else {})
     job = await asyncio.to_thread(
-        m.store.create, body.dataset, config.model_dump(mode="json"), total=planned_total(config, n_grid),
+        m.store.create, body.dataset, stored, total=planned_total(config, n_grid),
         n_validation=len(runner.split.validation), n_test=len(runner.split.test))
     m.wake()
     m._refresh_metrics()
@@ -624,6 +687,70 @@ async def events(services: Services, job_id: str,
             m.unsubscribe(job_id, q)
 
     return stream()
+
+
+def _shown(example: Any, prediction: int | str | None) -> str:
+    if isinstance(prediction, int) and example.choices:
+        return example.choices[prediction]
+    return "" if prediction is None else str(prediction)
+
+
+async def examples(services: Services, job_id: str, config: str, split: ExampleSplit, which: ExampleFilter,
+                   offset: int, limit: int) -> ExamplePage:
+    """Per-example evidence of ``config`` against base: what it fixed and what it broke, with prompts."""
+    m = manager(services)
+    job = _get(services, job_id)
+    rows = {r.key: r for r in await asyncio.to_thread(m.store.rows, job_id)}
+    try:
+        dataset: Dataset = await asyncio.to_thread(m.datasets.get, job.dataset)
+    except KeyError:
+        raise ApiError(409, f"dataset {job.dataset!r} of job {job_id} no longer exists; its examples cannot be "
+                            "shown", ("path", "job_id")) from None
+    parts = plan_split(job_config(job), dataset)
+    if split == "validation":
+        base, row = rows.get("base"), rows.get(config)
+        if row is None or row.role not in ("base", "config") or row.val_correct is None:
+            known = [k for k, r in rows.items() if r.role in ("base", "config")]
+            raise ApiError(404, f"job {job_id} has no validation evidence for config {config!r}; known: "
+                                f"{known[:20]}{' ...' if len(known) > 20 else ''}", ("query", "config"))
+        if base is None or base.val_correct is None:
+            raise ApiError(409, f"job {job_id} has no base row yet", ("path", "job_id"))
+        data = parts.validation
+        positions = row.val_indices if row.val_indices is not None else list(range(len(row.val_correct)))
+        base_out = [(base.val_predictions[i], base.val_correct[i],  # type: ignore[index]
+                     base.val_gold_logprobs[i] if base.val_gold_logprobs else None) for i in positions]
+        mine = [(p, c, g) for p, c, g in zip(row.val_predictions or [], row.val_correct,
+                                              row.val_gold_logprobs or [None] * len(row.val_correct))]
+    else:
+        t = rows["test"].test if "test" in rows else None
+        if t is None:
+            raise ApiError(409, f"job {job_id} has no test report yet (state {job.state})", ("path", "job_id"))
+        if config not in (t.winner_key, "base"):
+            raise ApiError(404, f"test evidence exists for 'base' and the winner {t.winner_key!r}, not {config!r}",
+                           ("query", "config"))
+        data = parts.test
+        positions = list(range(len(t.base.outcomes)))
+        base_out = [(o.prediction, o.correct, o.gold_logprob) for o in t.base.outcomes]
+        chosen = t.base if config == "base" else t.winner
+        mine = [(o.prediction, o.correct, o.gold_logprob) for o in chosen.outcomes]
+    entries = []
+    counts = {"fixed": 0, "broken": 0, "both_right": 0, "both_wrong": 0}
+    for pos, (bp, bc, bg), (cp, cc, cg) in zip(positions, base_out, mine):
+        change = "fixed" if cc and not bc else "broken" if bc and not cc else "both_right" if cc else "both_wrong"
+        counts[change] += 1
+        keep = {"flips": change in ("fixed", "broken"), "fixed": change == "fixed", "broken": change == "broken",
+                "disagree": bp != cp, "all": True}[which]
+        if keep:
+            entries.append((pos, bp, bc, bg, cp, cc, cg, change))
+    page = []
+    for pos, bp, bc, bg, cp, cc, cg, change in entries[offset:offset + limit]:
+        ex = data.examples[pos]
+        page.append(ExampleEvidence(index=pos, id=ex.id, prompt=data.prompt(ex), choices=list(ex.choices),
+                                    gold=ex.gold_text, base_answer=_shown(ex, bp), config_answer=_shown(ex, cp),
+                                    base_correct=bc, config_correct=cc, base_gold_logprob=bg, config_gold_logprob=cg,
+                                    change=change))  # type: ignore[arg-type]
+    return ExamplePage(job_id=job_id, config=config, split=split, filter=which, counts=counts, total=len(entries),
+                       offset=offset, limit=limit, data=page)
 
 
 async def plot_png(services: Services, job_id: str) -> bytes:
