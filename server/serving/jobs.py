@@ -25,7 +25,7 @@ from typing import Any
 from laser_ops.datasets import Dataset
 from laser_ops.evaluation import EvalReport, LabelMetrics, wilson_interval
 from laser_ops.interventions import InterventionError, parse_profile
-from laser_ops.plots import accuracy_heatmap_png
+from laser_ops.plots import change_heatmap_png
 from laser_ops.ray_sweeps import ModelSource, PoolClosed, RaySweepPool
 from laser_ops.sweep_steps import evaluations_of, plan_split
 from laser_ops.sweeps import (
@@ -760,9 +760,11 @@ async def plot_png(services: Services, job_id: str) -> bytes:
     base = next((r for r in rows if r.key == "base"), None)
     if base is None or base.val_accuracy is None or not any(r.role == "config" for r in rows):
         raise ApiError(409, f"job {job_id} has no finished configs to plot yet (state {job.state})")
-    title = f"{job.dataset}: validation accuracy ({job.id}, base {base.val_accuracy:.3f})"
+    n = job.n_validation
+    title = f"{job.dataset}: validation accuracy change vs base ({job.id}, {n} validation examples)"
     try:
-        return await asyncio.to_thread(accuracy_heatmap_png, rows, base.val_accuracy, title=title)
+        return await asyncio.to_thread(change_heatmap_png, rows, base.val_accuracy, title=title,
+                                       best_key=job.best_key)
     except ValueError as e:
         raise ApiError(409, f"nothing to plot: {e}") from None
 

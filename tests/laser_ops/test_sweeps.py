@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from laser_ops.datasets import Dataset, Example, PromptFormat
 from laser_ops.evaluation import evaluate_multiple_choice
-from laser_ops.plots import accuracy_heatmap_png
 from laser_ops.scoring import HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
@@ -209,16 +208,6 @@ def test_perplexity_guard_rejects_configs() -> None:
     configs = [r for r in result.rows if r.role == "config"]
     assert all(r.val_perplexity is not None for r in configs)
     assert all(r.rejected for r in configs if r.val_perplexity > result.base.val_perplexity * 1.0001)
-
-
-def test_heatmap_png() -> None:
-    rows = [SweepRow(key=f"{t}{layer}{rho}", step=0, role="config", type=t, layer=layer, rho=rho,
-                     interventions=[{}], val_accuracy=0.4 + 0.01 * layer + rho / 10)
-            for t in ("fc_in", "fc_out") for layer in range(4) for rho in (0.9, 0.1, 0.01)]
-    png = accuracy_heatmap_png(rows, base_accuracy=0.45, title="toy")
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
-    with pytest.raises(ValueError, match="no single-edit rows"):
-        accuracy_heatmap_png([], 0.5)
 
 
 @pytest.mark.integration
