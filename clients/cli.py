@@ -35,7 +35,7 @@ app = typer.Typer(name="laser", no_args_is_help=True, rich_markup_mode="rich", a
                        "  laser sweep --dataset epistemic_reasoning --types fc_in --layers=-1,-2 --watch")
 profiles_app = typer.Typer(no_args_is_help=True, help="Named edit profiles: ls, show, create, rm.")
 datasets_app = typer.Typer(no_args_is_help=True, help="Evaluation datasets for sweeps: ls, show, upload, rm.")
-jobs_app = typer.Typer(no_args_is_help=True, help="Sweep jobs: ls, show, cancel.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Sweep jobs: ls, show, examples, cancel.")
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
@@ -499,11 +499,15 @@ def datasets_rm(name: str) -> None:
 
 
 def _row_cells(r: m.SweepRow) -> list[str]:
-    v = r.validation
+    v, lab = r.validation, r.labels
+    notes = [x for x in (r.rejected, r.eliminated) if x]
+    top = "-" if lab is None or lab.top_answer is None else f"{lab.top_answer} {_pct(lab.top_answer_share)}"
     return [r.key, r.role, _pct(v.accuracy) if v else "-",
             f"[{_pct(v.ci_low)}, {_pct(v.ci_high)}]" if v else "-",
             "-" if r.delta_accuracy is None else f"{100 * r.delta_accuracy:+.1f}",
-            "-" if v is None or v.log_loss is None else f"{v.log_loss:.4f}", r.rejected or ""]
+            "-" if lab is None or lab.balanced_accuracy is None else _pct(lab.balanced_accuracy),
+            top + (" [collapsed]" if r.collapsed else ""),
+            "-" if v is None or v.log_loss is None else f"{v.log_loss:.4f}", "; ".join(notes)]
 
 
 def print_job(job: m.Job) -> None:
@@ -512,17 +516,29 @@ def print_job(job: m.Job) -> None:
               + (f", stopped: {job.stopped}" if job.stopped else ""))
     if job.error:
         out.print(f"[red]{job.error}[/]")
-    t = Table("config", "role", "val acc", "95% CI", "Δ acc (pp)", "log-loss", "rejected", title="validation")
+    t = Table("config", "role", "val acc", "95% CI", "Δ acc (pp)", "bal. acc", "top answer", "log-loss", "notes",
+              title="validation")
     best = job.best.key if job.best else None
     for r in job.rows:
         if r.role == "test":
             continue
-        t.add_row(*_row_cells(r), style="bold green" if r.key == best and r.key != "base" else None)
+        style = "bold green" if r.key == best and r.key != "base" else "dim" if r.collapsed or r.eliminated else None
+        t.add_row(*_row_cells(r), style=style)
     out.print(t)
+    base_labels = job.base.labels if job.base is not None else None
+    if base_labels is not None and base_labels.majority_label is not None:
+        out.print(f"majority baseline on validation: always {base_labels.majority_label!r} scores "
+                  f"{_pct(base_labels.majority_accuracy)}")
+    if job.example_evaluations and job.full_grid_evaluations and job.example_evaluations < job.full_grid_evaluations:
+        out.print(f"successive halving: {job.example_evaluations} example-evaluations instead of "
+                  f"{job.full_grid_evaluations} ({job.full_grid_evaluations / job.example_evaluations:.1f}x fewer)")
     if job.test is not None:
         tr = job.test
-        out.print(f"test: base {_pct(tr.base.accuracy)} vs {tr.winner_key} {_pct(tr.winner.accuracy)} "
-                  f"(McNemar p={tr.mcnemar.p_value:.3g})")
+        line = (f"test: base {_pct(tr.base.accuracy)} vs {tr.winner_key} {_pct(tr.winner.accuracy)} "
+                f"(McNemar p={tr.mcnemar.p_value:.3g})")
+        if tr.majority is not None:
+            line += f"; always {tr.majority.label!r} {_pct(tr.majority.accuracy)} (p={tr.majority.mcnemar.p_value:.3g})"
+        out.print(line)
     if job.verdict:
         out.print(f"[bold]{job.verdict}[/]")
 
@@ -553,6 +569,11 @@ def sweep(
     grid: Annotated[Optional[str], typer.Option("--grid", help="Any sweep config fields as JSON (or @file.json); "
                                                                 "the flags above override it.")] = None,
     max_configs: Annotated[Optional[int], typer.Option("--max-configs")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help="grid, greedy_compose, spectral_prior or "
+                                                                       "successive_halving.")] = None,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="accuracy, balanced_accuracy or log_loss.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the steps on a pool of Ray actors at this address "
+                                                             "('local' for a local cluster).")] = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow it: a live progress bar with ETA and best so "
                                                               "far, then the results table.")] = False,
     as_json: JsonOpt = False,
@@ -562,6 +583,8 @@ def sweep(
     Examples:
 
       laser sweep --dataset epistemic_reasoning --types fc_in,fc_out --layers=-1,-2 --rhos 0.01,0.1 --watch
+
+      laser sweep -D epistemic_reasoning --strategy successive_halving --metric balanced_accuracy --ray local
 
       laser sweep -D my-qa --grid '{"strategy": "greedy_compose", "max_configs": 20}' --json
     """
@@ -576,6 +599,9 @@ def sweep(
         config["rhos"] = [float(x) for x in _csv(rhos) or []]
     if max_configs is not None:
         config["max_configs"] = max_configs
+    for name, value in (("strategy", strategy), ("metric", metric), ("ray_address", ray)):
+        if value is not None:
+            config[name] = value
     config.pop("dataset", None)
     with client() as c:
         job = c.create_sweep(dataset, **config)
@@ -623,6 +649,43 @@ def jobs_show(job_id: str, watch: Annotated[bool, typer.Option("--watch", "-w")]
     if as_json:
         return emit_json(job)
     print_job(job)
+
+
+@jobs_app.command("examples")
+def jobs_examples(
+    job_id: str,
+    config: Annotated[str, typer.Option("--config", "-c", help="Config key (see `laser jobs show`), or 'base'.")],
+    split: Annotated[str, typer.Option("--split", help="validation (any config) or test (base and the winner).")]
+    = "validation",
+    which: Annotated[str, typer.Option("--filter", "-f", help="flips (fixed or broken), fixed, broken, disagree, "
+                                                              "all.")] = "flips",
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Examples per page.")] = 20,
+    offset: Annotated[int, typer.Option("--offset", help="Skip this many matching examples.")] = 0,
+    width: Annotated[int, typer.Option("--prompt-chars", help="Characters of each prompt shown (the end).")] = 80,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which examples a config fixed and broke relative to base, with prompt, gold and both answers.
+
+    Example: laser jobs examples sweep-3f2a9c1b7d0e --config laser:fc_in:27:0.01 --filter fixed
+    """
+    with client() as c:
+        page = c.job_examples(job_id, config, split=split, filter=which, offset=offset, limit=limit)
+    if as_json:
+        return emit_json(page)
+    counts = page.counts
+    title = (f"{page.config} vs base on {page.split}: fixed {counts.get('fixed', 0)}, broken {counts.get('broken', 0)}, "
+             f"both right {counts.get('both_right', 0)}, both wrong {counts.get('both_wrong', 0)}")
+    t = Table("#", "id", "prompt (end)", "gold", "base", "config", "change", title=title)
+    for e in page.data:
+        prompt = " ".join(e.prompt.split())
+        prompt = prompt if len(prompt) <= width else "…" + prompt[-width:]
+        style = "green" if e.change == "fixed" else "red" if e.change == "broken" else None
+        t.add_row(str(e.index), str(e.id), prompt, e.gold, e.base_answer, e.config_answer, e.change, style=style)
+    console().print(t)
+    shown = f"{page.offset + 1}-{page.offset + len(page.data)}" if page.data else "none"
+    console().print(f"{page.filter}: {shown} of {page.total}"
+                    + (f"; next: --offset {page.offset + len(page.data)}" if page.offset + len(page.data) < page.total
+                       else ""))
 
 
 @jobs_app.command("cancel")

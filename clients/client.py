@@ -428,6 +428,14 @@ class _Endpoints(_Base):
     def cancel_job(self, job_id: str) -> m.Job:
         return self._send(Call("DELETE", f"/v1/jobs/{_seg(job_id)}", "admin", _model(m.Job)))
 
+    def job_examples(self, job_id: str, config: str, *, split: str = "validation", filter: str = "flips",
+                     offset: int = 0, limit: int = 50) -> m.ExamplePage:
+        """Per-example evidence of ``config`` against base: ``filter`` flips (fixed or broken), fixed, broken,
+        disagree or all; ``split`` validation (any config) or test (base and the winner)."""
+        params = {"config": config, "split": split, "filter": filter, "offset": offset, "limit": limit}
+        return self._send(Call("GET", f"/v1/jobs/{_seg(job_id)}/examples", "inference", _model(m.ExamplePage),
+                               params=params))
+
     def job_plot(self, job_id: str) -> bytes:
         """PNG heatmap of validation accuracy over layer x rho."""
         return self._send(Call("GET", f"/v1/jobs/{_seg(job_id)}/plot.png", "inference", lambda r: r.content))

@@ -233,6 +233,16 @@ class Accuracy(Model):
     log_loss: float | None = None
 
 
+class LabelMetrics(Model):
+    majority_label: str | None = None
+    majority_accuracy: float = 0.0
+    top_answer: str | None = None
+    top_answer_share: float = 0.0
+    collapsed: bool = False
+    balanced_accuracy: float | None = None
+    macro_f1: float | None = None
+
+
 class SweepRow(Model):
     key: str
     step: int
@@ -242,10 +252,13 @@ class SweepRow(Model):
     rho: float | None = None
     interventions: list[dict[str, Any]] = []
     validation: Accuracy | None = None
+    labels: LabelMetrics | None = None
+    collapsed: bool = False
     delta_accuracy: float | None = None
     delta_log_loss: float | None = None
     val_perplexity: float | None = None
     rejected: str | None = None
+    eliminated: str | None = None
     kept: bool | None = None
     seconds: float = 0.0
 
@@ -258,6 +271,13 @@ class McNemar(Model):
     significant: bool
 
 
+class MajorityBaseline(Model):
+    label: str
+    accuracy: float
+    mcnemar: McNemar
+    beaten: bool
+
+
 class TestReport(Model):
     __test__ = False
 
@@ -265,10 +285,42 @@ class TestReport(Model):
     interventions: list[dict[str, Any]]
     base: Accuracy
     winner: Accuracy
+    base_labels: LabelMetrics | None = None
+    winner_labels: LabelMetrics | None = None
     delta_accuracy: float
     mcnemar: McNemar
+    majority: MajorityBaseline | None = None
     significant: bool
     verdict: str
+
+
+class ExampleEvidence(Model):
+    index: int
+    id: int
+    prompt: str
+    choices: list[str] = []
+    gold: str
+    base_answer: str
+    config_answer: str
+    base_correct: bool
+    config_correct: bool
+    base_gold_logprob: float | None = None
+    config_gold_logprob: float | None = None
+    change: str
+
+
+class ExamplePage(Model):
+    """``ExamplePage``: per-example evidence of one config against base, one page."""
+
+    job_id: str
+    config: str
+    split: str
+    filter: str
+    counts: dict[str, int]
+    total: int
+    offset: int
+    limit: int
+    data: list[ExampleEvidence]
 
 
 class JobProgress(Model):
@@ -324,6 +376,8 @@ class Job(JobSummary):
     rows: list[SweepRow]
     test: TestReport | None = None
     verdict: str | None = None
+    example_evaluations: int | None = None
+    full_grid_evaluations: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- models (OpenAI)
@@ -399,6 +453,8 @@ MIRRORS: dict[type[BaseModel], str] = {
     ScoreDiff: "inference:ScoreDiff", CompareDiff: "inference:CompareDiff", CompareResponse: "inference:CompareResponse",
     ExampleSample: "datasets:ExampleSample", DatasetSummary: "datasets:DatasetSummary", Dataset: "datasets:DatasetPublic",
     Accuracy: "jobs:Accuracy", SweepRow: "jobs:SweepRowPublic", McNemar: "jobs:McNemar", TestReport: "jobs:TestReportPublic",
+    LabelMetrics: "jobs:LabelMetricsPublic", MajorityBaseline: "jobs:MajorityBaseline",
+    ExampleEvidence: "jobs:ExampleEvidence", ExamplePage: "jobs:ExamplePage",
     JobProgress: "jobs:JobProgress", JobSummary: "jobs:JobSummary", Job: "jobs:JobPublic",
     ModelCard: "openai:ModelCard",
     ExportFile: "exports:ExportFile", ExportMatrix: "exports:ExportMatrix", ExportSummary: "exports:ExportSummary",
