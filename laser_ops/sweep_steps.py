@@ -75,7 +75,7 @@ def halving_blocks(config: SweepConfig, n: int) -> list[list[int]] | None:
 # ---------------------------------------------------------------------------------------------- verdict
 
 
-def test_verdict(winner_key: str, base: EvalReport, winner: EvalReport, vs_base: McNemarResult,
+def plain_verdict(winner_key: str, base: EvalReport, winner: EvalReport, vs_base: McNemarResult,
                  label: str | None, majority_accuracy: float | None, vs_majority: McNemarResult | None) -> str:
     """The test report in plain words: against base, against always answering the majority label, and
     whether the winner's answers collapsed onto one label."""
@@ -218,7 +218,7 @@ class StepExecutor:
         label, maj_acc = majority_label(test)
         vs_majority = mcnemar_vs_constant(test, win_report.correct, label) if label is not None else None
         key = winner.key if winner else "base"
-        verdict = test_verdict(key, base_report, win_report, vs_base, label, maj_acc, vs_majority)
+        verdict = plain_verdict(key, base_report, win_report, vs_base, label, maj_acc, vs_majority)
         report = TestReport(
             winner_key=key, interventions=specs, base=base_report, winner=win_report,
             delta_accuracy=win_report.accuracy - base_report.accuracy, mcnemar=vs_base.to_dict(),

@@ -411,10 +411,21 @@ class SweepRunner:
         return row.eliminated is None and (row.val_n or 0) == scored
 
     def _eliminate(self, alive: list[Candidate], round_no: int) -> list[Candidate]:
-        """Drop configs whose upper Wilson bound is below the best lower bound among eligible configs."""
+        """Drop configs whose upper Wilson bound is below the best lower bound among eligible configs.
+
+        Bounds count only the outcomes on the first ``round_no`` blocks, so a resumed job (whose rows may
+        already hold later blocks) takes the same decisions as an uninterrupted one.
+        """
         conf = self.config.halving_confidence
+        blocks = self.executor.blocks or []
+        seen = {i for b in blocks[:round_no] for i in b}
         rows = [self.rows[c.key] for c in alive if c.key in self.rows]
-        bounds = {r.key: wilson_interval(r.val_n_correct or 0, r.val_n or 0, conf) for r in rows}
+
+        def counts(r: SweepRow) -> tuple[int, int]:
+            pairs = [(i, ok) for i, ok in zip(r.val_indices or [], r.val_correct or []) if i in seen]
+            return sum(ok for _, ok in pairs), len(pairs)
+
+        bounds = {r.key: wilson_interval(*counts(r), conf) for r in rows}
         lows = [bounds[r.key][0] for r in rows if self.eligible(r)]
         if not lows:
             return [c for c in alive if c.key in self.rows and self.rows[c.key].eliminated is None]

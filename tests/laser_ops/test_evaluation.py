@@ -11,6 +11,10 @@ import torch
 
 from laser_ops.datasets import Dataset, Example, PromptFormat
 from laser_ops.evaluation import (
+    constant_correct,
+    label_metrics,
+    majority_label,
+    mcnemar_vs_constant,
     answer_in,
     evaluate_generation,
     evaluate_multiple_choice,
@@ -152,3 +156,62 @@ def test_report_from_predictions_checks_length(scorer: HFScorer) -> None:
     ds = toy_mc(3)
     with pytest.raises(ValueError, match="predictions"):
         report_from_predictions(ds, scorer.predict_choices(ds.choice_items()[:2]))
+
+
+# ---- label metrics and the majority baseline
+
+
+def _labelled(golds: list[int], choices=("entailment", "non-entailment")) -> Dataset:
+    examples = [Example(id=i, input=f"x{i}", choices=list(choices), correct=[g]) for i, g in enumerate(golds)]
+    return Dataset(name="labels", kind="multiple_choice", examples=examples)
+
+
+def test_label_metrics_hand_computed() -> None:
+    # 6 gold 'entailment' (0), 4 gold 'non-entailment' (1)
+    ds = _labelled([0] * 6 + [1] * 4)
+    preds = [0, 0, 0, 0, 1, 1] + [1, 1, 0, 0]
+    correct = [p == e.gold for p, e in zip(preds, ds.examples)]
+    m = label_metrics(ds, preds, correct)
+    assert (m.majority_label, m.majority_accuracy) == ("entailment", 0.6)
+    assert (m.top_answer, m.top_answer_share) == ("entailment", 0.6) and not m.collapsed
+    # recall: entailment 4/6, non-entailment 2/4; precision: entailment 4/6, non-entailment 2/4
+    assert m.balanced_accuracy == pytest.approx((4 / 6 + 2 / 4) / 2)
+    assert m.macro_f1 == pytest.approx((4 / 6 + 2 / 4) / 2)
+    always = [0] * 10
+    m = label_metrics(ds, always, [p == e.gold for p, e in zip(always, ds.examples)])
+    assert m.collapsed and m.top_answer_share == 1.0
+    assert m.balanced_accuracy == pytest.approx(0.5)  # a constant predictor is at chance on balanced accuracy
+    assert m.macro_f1 == pytest.approx((2 * 0.6 * 1 / 1.6 + 0) / 2)
+    # choices in a different order per example: labels are the answer texts, not indices
+    swapped = Dataset(name="s", kind="multiple_choice", examples=[
+        Example(id=0, input="a", choices=["yes", "no"], correct=[0]),
+        Example(id=1, input="b", choices=["no", "yes"], correct=[1]),
+        Example(id=2, input="c", choices=["no", "yes"], correct=[0])])
+    assert majority_label(swapped) == ("yes", pytest.approx(2 / 3))
+    assert constant_correct(swapped, "yes") == [True, True, False]
+
+
+def test_collapsed_threshold_and_generation_labels() -> None:
+    ds = _labelled([0] * 19 + [1])
+    preds = [0] * 19 + [1]
+    assert label_metrics(ds, preds, [True] * 20).top_answer_share == pytest.approx(0.95)
+    assert label_metrics(ds, preds, [True] * 20).collapsed  # >= 95% is collapsed
+    assert not label_metrics(ds, [0] * 18 + [1, 1], [True] * 20).collapsed
+    gen = Dataset(name="g", kind="generation", examples=[
+        Example(id=0, input="q", targets=["Paris"]), Example(id=1, input="q", targets=["Rome"]),
+        Example(id=2, input="q", targets=["paris", "Lutetia"])])
+    m = label_metrics(gen, [" Paris!", "paris", "Rome "], [True, False, False])
+    assert m.majority_label == "paris" and m.majority_accuracy == pytest.approx(2 / 3)
+    assert m.balanced_accuracy is None and m.macro_f1 is None
+
+
+def test_mcnemar_against_the_constant_predictor() -> None:
+    """The issue's case: a winner at 992/1600 that answers one label is below always answering it (1007/1600)."""
+    ds = _labelled([0] * 1007 + [1] * 593)
+    # the winner says 'entailment' on 1551 examples: right on 980 of the 1007, and right on 12 of the 593 others
+    correct = [True] * 980 + [False] * 27 + [True] * 12 + [False] * 581
+    r = mcnemar_vs_constant(ds, correct, "entailment")
+    assert (r.only_a, r.only_b) == (27, 12)  # the constant is right where the winner is not, and vice versa
+    assert sum(correct) == 992 and sum(constant_correct(ds, "entailment")) == 1007
+    assert r.p_value == pytest.approx(mcnemar_exact(constant_correct(ds, "entailment"), correct).p_value)
+    assert "always-'entailment' is better" in r.verdict

@@ -9,7 +9,15 @@ import pytest
 from pydantic import ValidationError
 
 from laser_ops.datasets import Dataset, Example, PromptFormat
-from laser_ops.evaluation import evaluate_multiple_choice
+from laser_ops.evaluation import (
+    EvalReport,
+    LabelMetrics,
+    evaluate_multiple_choice,
+    majority_label,
+    mcnemar_exact,
+    mcnemar_vs_constant,
+)
+from laser_ops.sweep_steps import StepExecutor, plain_verdict, row_from_report
 from laser_ops.scoring import HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
@@ -234,3 +242,181 @@ def test_candidate_keys_of_close_rhos_do_not_collide() -> None:
     a, b = Candidate("laser", "fc_in", 0, 0.1), Candidate("laser", "fc_in", 0, 0.1000001)
     assert a.key == "laser:fc_in:0:0.1" and a.key != b.key
     assert Candidate("laser", "fc_in", 0, 1.0).key == "laser:fc_in:0:1"  # persisted keys unchanged
+
+
+# ---- honest selection, verdicts, successive halving, ETA
+
+
+def _row(key: str, acc: float, *, collapsed: bool = False, balanced: float | None = None, step: int = 1,
+         log_loss: float = 1.0) -> SweepRow:
+    labels = LabelMetrics(majority_label="yes", majority_accuracy=0.6, top_answer="yes",
+                          top_answer_share=0.97 if collapsed else 0.6, collapsed=collapsed,
+                          balanced_accuracy=balanced if balanced is not None else acc, macro_f1=acc)
+    return SweepRow(key=key, step=step, role="config" if key != "base" else "base", type="fc_in", layer=1, rho=0.1,
+                    interventions=[{"target": "fc_in", "layer": 1, "rank_fraction": 0.1}] if key != "base" else [],
+                    val_accuracy=acc, val_log_loss=log_loss, val_labels=labels, collapsed=collapsed)
+
+
+def test_collapsed_configs_cannot_win_unless_allowed() -> None:
+    ds = toy_mc(12)
+    rows = [_row("base", 0.5, step=0), _row("a", 0.62, collapsed=True, step=1), _row("b", 0.55, step=2)]
+    assert SweepRunner(_cfg(), ds, completed=rows).best().key == "b"
+    assert SweepRunner(_cfg(allow_collapsed=True), ds, completed=rows).best().key == "a"
+    only = [rows[0], rows[1]]
+    assert SweepRunner(_cfg(), ds, completed=only).best() is None  # the test step then reports base
+
+
+def test_balanced_accuracy_metric_selects_on_it() -> None:
+    ds = toy_mc(12)
+    rows = [_row("base", 0.5, step=0), _row("a", 0.70, balanced=0.52, step=1), _row("b", 0.60, balanced=0.58, step=2)]
+    assert SweepRunner(_cfg(), ds, completed=rows).best().key == "a"
+    assert SweepRunner(_cfg(metric="balanced_accuracy"), ds, completed=rows).best().key == "b"
+    gen = Dataset(name="g", kind="generation", examples=[Example(id=i, input="q", targets=["x"]) for i in range(4)])
+    with pytest.raises(SweepConfigError) as info:
+        SweepRunner(_cfg(metric="balanced_accuracy"), gen)
+    assert info.value.field == "metric"
+
+
+def _report(correct: list[bool], preds: list[int], ds: Dataset) -> EvalReport:
+    from laser_ops.evaluation import ExampleOutcome, report_from_outcomes
+    return report_from_outcomes(ds, [ExampleOutcome(id=e.id, correct=c, prediction=p)
+                                     for e, c, p in zip(ds.examples, correct, preds)])
+
+
+def test_verdict_says_when_a_gain_over_base_is_only_label_bias() -> None:
+    """Base leans 'true', the winner answers 'false' almost always: beats base, not always-'false'."""
+    n_false, n_true = 70, 30
+    ds = Dataset(name="fever", kind="multiple_choice", examples=[
+        Example(id=i, input=f"c{i}", choices=["false", "true"], correct=[0 if i < n_false else 1])
+        for i in range(n_false + n_true)])
+    base_preds = [1] * 100  # always 'true': 30%
+    win_preds = [0] * 97 + [1] * 3  # 'false' on 97%: 70 + 3 right... minus
+    base_c = [p == e.gold for p, e in zip(base_preds, ds.examples)]
+    win_c = [p == e.gold for p, e in zip(win_preds, ds.examples)]
+    base, win = _report(base_c, base_preds, ds), _report(win_c, win_preds, ds)
+    label, maj = majority_label(ds)
+    text = plain_verdict("laser:fc_in:1:0.01", base, win, mcnemar_exact(base_c, win_c), label, maj,
+                        mcnemar_vs_constant(ds, win_c, label))
+    assert text.startswith("the winner beats base by +43.0 points on test (significant")
+    assert "but it does not beat always-'false' (73.0% vs 70.0%" in text
+    assert "answers 'false' on 97% of test examples: the edit moved the label bias" in text
+    honest = plain_verdict("base", base, base, mcnemar_exact(base_c, base_c), label, maj,
+                          mcnemar_vs_constant(ds, base_c, label))
+    assert "base model itself" in honest and "base does not beat always-'false'" in honest
+
+
+BUILTIN_HALVING = [
+    ("epistemic_reasoning", dict(types=["fc_in"], layers=[1, 2], rhos=[0.5, 0.05], max_validation_examples=24,
+                                 max_test_examples=4, halving_min_examples=6, allow_collapsed=True)),
+    ("qa_wikidata", dict(types=["fc_in"], layers=[1, 2], rhos=[0.5, 0.05], max_validation_examples=12,
+                         max_test_examples=4, halving_min_examples=4, max_new_tokens=3)),
+]
+
+
+@pytest.mark.parametrize(("name", "grid"), BUILTIN_HALVING)
+def test_successive_halving_picks_the_full_grid_winner_on_builtin_tasks(name: str, grid: dict) -> None:
+    from laser_ops.datasets import builtin_dataset
+
+    scorer, sw = _setup()
+    ds = builtin_dataset(name)
+    full = run_sweep(SweepConfig(**grid), ds, sw, scorer)
+    fast = run_sweep(SweepConfig(strategy="successive_halving", **grid), ds, sw, scorer)
+    assert (fast.winner and fast.winner.key) == (full.winner and full.winner.key)
+    assert fast.full_grid_evaluations == full.example_evaluations == full.full_grid_evaluations
+    assert fast.example_evaluations <= fast.full_grid_evaluations
+    full_rows = {r.key: r for r in full.rows}
+    for r in fast.rows:
+        if r.role != "config":
+            continue
+        ref = full_rows[r.key]
+        assert r.val_correct == [ref.val_correct[i] for i in r.val_indices]  # same outcomes on the same examples
+        if r.eliminated is None:  # a survivor is scored on all of validation, like the full grid
+            assert (r.val_n, r.val_accuracy, r.val_indices) == (ref.val_n, ref.val_accuracy, list(range(ref.val_n)))
+
+
+class ScriptedExecutor(StepExecutor):
+    """Scheduler test double: each config's per-example outcomes are drawn once from its true accuracy
+    (no model; what is under test is which plans the runner hands out and what it concludes)."""
+
+    def __init__(self, config: SweepConfig, split, truth: dict[str, float]) -> None:
+        super().__init__(config, split)
+        self.truth = truth
+        self.evaluations = 0
+
+    def work(self, plan, swapper, scorer):
+        val = self.split.validation
+        idx = None if plan.block is None or self.blocks is None else self.blocks[plan.block]
+        positions = list(range(len(val))) if idx is None else idx
+        rows = []
+        for c in plan.configs or [None]:
+            key = c.key if c else "base"
+            acc = self.truth.get(key, 0.5)
+            rng = random.Random(key)
+            outcome = [rng.random() < acc for _ in range(len(val))]
+            correct = [outcome[i] for i in positions]
+            preds = [val.examples[i].gold if ok else 1 - val.examples[i].gold for i, ok in zip(positions, correct)]
+            from laser_ops.evaluation import ExampleOutcome, report_from_outcomes
+            report = report_from_outcomes(val.subset(positions), [
+                ExampleOutcome(id=val.examples[i].id, correct=ok, prediction=p, gold_logprob=-1.0)
+                for i, ok, p in zip(positions, correct, preds)])
+            self.evaluations += len(positions) if plan.role == "config" else 0
+            rows.append(row_from_report(c, plan.role, report, idx, 0.0))
+        if plan.role == "test":
+            return [SweepRow(key="test", step=0, role="test")]
+        yield
+        return rows
+
+
+def test_successive_halving_drops_clear_losers_and_saves_evaluations() -> None:
+    ds = Dataset(name="bin", kind="multiple_choice", examples=[
+        Example(id=i, input=f"q{i}", choices=["a", "b"], correct=[i % 2]) for i in range(640)])
+    cfg = SweepConfig(strategy="successive_halving", types=["fc_in", "fc_out"], layers=[0, 1, 2],
+                      rhos=[0.9, 0.5, 0.2, 0.1], validation_fraction=0.5, halving_min_examples=20)
+    split_runner = SweepRunner(cfg, ds)
+    keys = [c.key for c in grid_candidates(cfg, _setup()[1].targets)]
+    truth = {k: 0.3 + 0.02 * (i % 5) for i, k in enumerate(keys)}
+    truth[keys[7]] = 0.8  # one clear winner among 24 configs
+    executor = ScriptedExecutor(cfg, split_runner.split, truth)
+    runner = SweepRunner(cfg, ds, executor=executor)
+    result = runner.run(*_setup()[::-1])
+    n_val = result.n_validation
+    assert result.winner.key == keys[7] and result.winner.val_n == n_val
+    assert result.full_grid_evaluations == 24 * n_val and result.example_evaluations == executor.evaluations
+    assert result.full_grid_evaluations / result.example_evaluations >= 3
+    dropped = [r for r in result.rows if r.eliminated]
+    assert len(dropped) == 23 and all(r.val_n < n_val for r in dropped)
+    # interrupted after 9 steps (mid round 2), rows persisted without the in-memory elimination flags:
+    # the resumed job extends them and takes the same decisions as the uninterrupted one
+    first = SweepRunner(cfg, ds, executor=ScriptedExecutor(cfg, split_runner.split, truth))
+    for i, step in enumerate(first.steps(_setup()[1].targets)):
+        if i == 9:
+            break
+        first.record(step.run(*_setup()[::-1]))
+    saved = [r.model_dump(exclude={"eliminated"}) for r in first.rows.values()]
+    assert 0 < sum(r["val_n"] > 20 for r in saved if r["role"] == "config") < 24
+    again = ScriptedExecutor(cfg, split_runner.split, truth)
+    resumed = SweepRunner(cfg, ds, completed=saved, executor=again).run(*_setup()[::-1])
+    assert resumed.winner.key == keys[7]
+    assert {r.key: (r.val_n, r.eliminated) for r in resumed.rows} == \
+        {r.key: (r.val_n, r.eliminated) for r in result.rows}
+    assert again.evaluations < executor.evaluations  # finished blocks were not scored again
+
+
+def test_eta_counts_the_test_step_from_the_examples_it_scores() -> None:
+    scorer, sw = _setup()
+    ds = toy_mc(40, seed=3)
+    seen: list[tuple[SweepProgress, float]] = []
+    runner = SweepRunner(_cfg(validation_fraction=0.25), ds,
+                         on_progress=lambda p: seen.append((p, runner._remaining_cost())))
+    layers = sw.targets.num_layers
+    for step in runner.steps(sw.targets):
+        if step.role == "test":
+            left = runner._remaining_cost()
+            assert left == 2 * len(runner.split.test) * layers == step.plan.cost  # base + winner, every layer
+            assert seen[-1][0].eta_s is not None and seen[-1][0].eta_s > 0  # the last config's event still waits
+        runner.record(step.run(sw, scorer))
+    before_configs = seen[0][1]  # after base: every config (layers >= l) plus the test step
+    n_val = len(runner.split.validation)
+    configs = sum(n_val * (layers - c.layer) for c in runner.config_rows())
+    assert before_configs == configs + 2 * len(runner.split.test) * layers
+    assert seen[-1][0].eta_s == 0.0
