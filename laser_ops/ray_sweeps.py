@@ -60,7 +60,7 @@ def connect(address: str, *, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address == "local":
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)  # logical CPUs
     else:
         ray.init(address=address, log_to_driver=False)
 
@@ -102,7 +102,7 @@ class RaySweepPool:
         if actors < 1:
             raise ValueError(f"actors must be >= 1, got {actors}")
         self.ray = _ray()
-        connect(address, num_cpus=max(actors * threads, 1) if address == "local" else None)
+        connect(address, num_cpus=max(4, actors * threads) if address == "local" else None)
         self.model = model
         self.threads = threads
         self.max_retries = max_retries

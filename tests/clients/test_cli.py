@@ -95,7 +95,15 @@ def test_sweep_watch_promote(laser, tmp_path: Path) -> None:
     job_id = json.loads(laser("jobs", "ls", "--json").stdout)[0]["id"]
     job = json.loads(laser("jobs", "show", job_id, "--json").stdout)
     assert job["state"] == "succeeded" and job["config"]["rhos"] == [0.5, 0.1]
-    if job["best"]["interventions"]:
+    key = next(r["key"] for r in job["rows"] if r["role"] == "config")
+    out = laser("jobs", "examples", job_id, "--config", key, "--filter", "all", "--limit", "3").output
+    assert f"{key} vs base on validation: fixed" in out and "all: 1-3 of 5; next: --offset 3" in out
+    page = json.loads(laser("jobs", "examples", job_id, "-c", key, "-f", "all", "--offset", "3", "--json").stdout)
+    assert [e["index"] for e in page["data"]] == [3, 4] and page["total"] == 5
+    assert {"fixed", "broken"} <= set(page["counts"])
+    laser("jobs", "examples", job_id, "--config", "nope", code=1)
+    assert "--ray" in laser("sweep", "--help").output
+    if job["best"] and job["best"]["interventions"]:
         assert "promoted cli-win" in laser("promote", job_id, "cli-win").output
         laser("promote", job_id, "cli-win", code=1)
         assert json.loads(laser("promote", job_id, "cli-win", "--replace", "--json").stdout)["name"] == "cli-win"

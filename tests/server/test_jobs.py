@@ -379,3 +379,71 @@ def test_readme_flow_on_smollm2(tmp_path: Path, smollm2) -> None:
         assert g.status_code == 200 and g.json()["profile"] == "epistemic-best" and g.json()["choices"][0]["text"]
     finally:
         srv.stop()
+
+
+def test_examples_list_what_each_config_fixed_and_broke(live: LiveServer) -> None:
+    c = live.client
+    rows = toy_rows(24, seed=3)
+    upload(c, "toy", rows)
+    job = wait(c, start(c, dataset="toy", **SMALL)["id"])
+    assert job["state"] == "succeeded", job["error"]
+    dataset = parse_jsonl(jsonl(rows), "toy")
+    val = stratified_split(dataset, 0.5, 0).validation
+    base = job["base"]
+    for r in [x for x in job["rows"] if x["role"] == "config"]:
+        url = f"/v1/jobs/{job['id']}/examples"
+        every = c.get(url, params={"config": r["key"], "filter": "all", "limit": 500}).json()
+        assert every["total"] == len(val) == len(every["data"])
+        fixed = [e for e in every["data"] if e["config_correct"] and not e["base_correct"]]
+        broken = [e for e in every["data"] if e["base_correct"] and not e["config_correct"]]
+        assert every["counts"]["fixed"] == len(fixed) and every["counts"]["broken"] == len(broken)
+        right = sum(e["config_correct"] for e in every["data"])
+        assert right == r["validation"]["n_correct"] and sum(e["base_correct"] for e in every["data"]) == \
+            base["validation"]["n_correct"]
+        for e in every["data"]:
+            ex = val.examples[e["index"]]
+            assert (e["id"], e["prompt"], e["gold"]) == (ex.id, val.prompt(ex), ex.gold_text)
+            assert e["config_answer"] in ex.choices and e["base_answer"] in ex.choices
+            assert e["config_correct"] == (ex.choices.index(e["config_answer"]) in ex.correct)
+        flips = c.get(url, params={"config": r["key"]}).json()  # default filter: flips
+        assert [e["index"] for e in flips["data"]] == sorted(e["index"] for e in fixed + broken)
+        pages = [c.get(url, params={"config": r["key"], "offset": i, "limit": 1}).json()["data"]
+                 for i in range(flips["total"])]
+        assert [p[0]["index"] for p in pages] == [e["index"] for e in flips["data"]]
+    test = job["test"]
+    page = c.get(f"/v1/jobs/{job['id']}/examples",
+                 params={"config": test["winner_key"], "split": "test", "filter": "flips"}).json()
+    assert page["counts"]["fixed"] == test["mcnemar"]["only_winner"]
+    assert page["counts"]["broken"] == test["mcnemar"]["only_base"]
+    bad = c.get(f"/v1/jobs/{job['id']}/examples", params={"config": "laser:fc_in:9:0.5"})
+    assert bad.status_code == 404 and bad.json()["detail"][0]["loc"] == ["query", "config"]
+    assert c.get(f"/v1/jobs/{job['id']}/examples", params={"config": "base", "filter": "bogus"}).status_code == 422
+    assert c.get(f"/v1/jobs/{job['id']}/examples", params={"config": "base", "limit": 0}).status_code == 422
+    wrong_test = c.get(f"/v1/jobs/{job['id']}/examples", params={"config": "laser:nope", "split": "test"})
+    assert wrong_test.status_code == 404
+
+
+def test_sweep_on_ray_equals_the_in_process_job(tmp_path: Path) -> None:
+    """ray_address on a job: 2 Ray actors load the server's model (fingerprint checked) and give the same rows."""
+    pytest.importorskip("ray")
+    from laser_ops.loading import load_model
+    from laser_ops.testing import save_tiny_model
+
+    folder = save_tiny_model("llama", str(tmp_path / "model"))
+    srv = start_server(tmp_path, load_model(folder), ray_actors=2)
+    try:
+        c = srv.client
+        upload(c, "toy", toy_rows())
+        local = wait(c, start(c, dataset="toy", **SMALL)["id"])
+        remote = wait(c, start(c, dataset="toy", ray_address="local", **SMALL)["id"], timeout=300)
+        assert local["state"] == remote["state"] == "succeeded", remote["error"]
+        assert remote["config"]["ray_address"] == "local"
+
+        def table(job: dict) -> list:
+            return [(r["key"], r["step"], r["validation"], r["delta_accuracy"], r["labels"]) for r in job["rows"]]
+
+        assert table(remote) == table(local)
+        assert remote["test"] == local["test"] and remote["verdict"] == local["verdict"]
+        assert manager(srv).running_job is None
+    finally:
+        srv.stop()
