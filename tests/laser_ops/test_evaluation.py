@@ -7,7 +7,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from laser_ops.datasets import Dataset, Example, PromptFormat
 from laser_ops.evaluation import (

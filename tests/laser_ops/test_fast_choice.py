@@ -4,39 +4,16 @@ architecture, for single profiles and for replicated all-rho passes, chunk by ch
 from __future__ import annotations
 
 import functools
-import random
 
 import pytest
 import torch
 
-from laser_ops.datasets import Dataset, Example, PromptFormat
 from laser_ops.fast_choice import FastChoiceEvaluator
 from laser_ops.scoring import HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
 from laser_ops.testing import CAUSAL_ARCHS, make_tiny_model, tiny_tokenizer
-
-WORDS = ["Paris", "Rome", "France", "Italy", "city", "capital", "fox", "dog", "yes", "no", "blue", "red"]
-PROFILES = [
-    [],
-    [{"target": "fc_in", "layer": 2, "rank_fraction": 0.1}],
-    [{"target": "fc_out", "layer": 1, "rank_fraction": 0.05}],
-    [{"target": "mlp", "layer": 0, "rank_fraction": 0.2}, {"target": "q_proj", "layer": 2, "rank": 1}],
-    [{"kind": "zero", "target": "out_proj", "layer": 1}],
-]
-
-
-def toy_mc(n: int = 24, seed: int = 0, prefix: str = "Question: ") -> Dataset:
-    """Prompts with a shared instruction and 2-4 candidates of different token lengths."""
-    rng = random.Random(seed)
-    examples = []
-    for i in range(n):
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
-        choices = rng.sample(["Paris", "Rome is a city", "no", "the lazy dog", "blue", "France or Italy"],
-                             rng.randint(2, 4))
-        examples.append(Example(id=i, input=words, choices=choices, correct=[rng.randrange(len(choices))]))
-    fmt = PromptFormat(task_prefix="The capital of France is Paris. " + prefix, example_output_prefix="\nA: ")
-    return Dataset(name="toy", kind="multiple_choice", examples=examples, format=fmt)
+from tests.laser_ops.test_evaluation import PROFILES, toy_mc
 
 
 @functools.cache
