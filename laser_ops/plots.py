@@ -111,9 +111,9 @@ def change_heatmap_figure(
             strength = abs(norm(cell.change) - 0.5) * 2
             ax.text(x, y, f"{cell.change:+.1f}", ha="center", va="center", fontsize=font - 1,
                     color="white" if strength > 0.6 else "black")
-            if cell.collapsed:
-                ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="////", edgecolor="0.35",
-                                       linewidth=0))
+            if cell.collapsed:  # hatch lines light on dark cells, dark on light ones
+                ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="////", linewidth=0,
+                                       edgecolor="0.85" if strength > 0.6 else "0.35"))
         if best[0] == t and best[1] is not None:
             (bl, br) = best[1]
             ax.add_patch(Rectangle((rhos.index(br) - 0.46, layers.index(bl) - 0.46), 0.92, 0.92, fill=False,
