@@ -56,7 +56,7 @@ def test_every_causal_architecture_takes_the_layer_path_and_equals_plain(arch: s
 
 def test_cached_states_and_profiles_in_any_order() -> None:
     sc, sw = _setup("llama", batch_size=5)
-    ds = toy_mc(24)
+    ds = toy_mc(14)
     fast = FastChoiceEvaluator(sc, ds.choice_items(), batch_size=4)
     for specs in PROFILES + PROFILES[::-1]:  # reversed: states come from the cache, not a fresh pass
         _assert_same(fast.evaluate_profile(sw, specs), _plain(sw, sc, specs, ds.choice_items()))

@@ -65,11 +65,12 @@ def test_actors_must_hold_the_jobs_weights(folder: Path) -> None:
         RaySweepPool("local", ModelSource(str(folder), "not-this-model"), CONFIG, toy_mc(8), actors=1)
 
 
-def test_close_stops_the_pool(folder: Path, loaded: LoadedModel) -> None:
-    p = RaySweepPool("local", ModelSource(str(folder), loaded.fingerprint), CONFIG, toy_mc(8), actors=1)
-    actor = p.actors[0]
-    p.close()
+def test_close_stops_the_pool(pool: RaySweepPool) -> None:
+    """Last in this file: closes the shared pool (what cancelling a job does)."""
+    actors = list(pool.actors)
+    pool.close()
     with pytest.raises(PoolClosed):
-        p.submit(SweepRunner(CONFIG, toy_mc(8))._test_plan())
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(actor.model_fingerprint.remote())  # the actor is gone, not idle
+        pool.submit(SweepRunner(CONFIG, toy_mc(8))._test_plan())
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.model_fingerprint.remote())  # killed, not idle
