@@ -38,14 +38,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from laser_ops.datasets import Dataset, builtin_dataset
-from laser_ops.evaluation import wilson_interval
+from laser_ops.evaluation import COLLAPSE_SHARE, answer_text, wilson_interval
 from laser_ops.scoring import Scorer
 from laser_ops.sweep_models import (
     NO_KNOB,
@@ -411,7 +411,9 @@ class SweepRunner:
         return row.eliminated is None and (row.val_n or 0) == scored
 
     def _eliminate(self, alive: list[Candidate], round_no: int) -> list[Candidate]:
-        """Drop configs whose upper Wilson bound is below the best lower bound among eligible configs.
+        """Drop configs that cannot win: their upper Wilson bound is below the best lower bound among eligible
+        configs, or (unless ``allow_collapsed``) the lower Wilson bound of their top-answer share is already
+        at the collapse threshold.
 
         Bounds count only the outcomes on the first ``round_no`` blocks, so a resumed job (whose rows may
         already hold later blocks) takes the same decisions as an uninterrupted one.
@@ -419,21 +421,30 @@ class SweepRunner:
         conf = self.config.halving_confidence
         blocks = self.executor.blocks or []
         seen = {i for b in blocks[:round_no] for i in b}
+        val = self.split.validation
         rows = [self.rows[c.key] for c in alive if c.key in self.rows]
 
-        def counts(r: SweepRow) -> tuple[int, int]:
-            pairs = [(i, ok) for i, ok in zip(r.val_indices or [], r.val_correct or []) if i in seen]
-            return sum(ok for _, ok in pairs), len(pairs)
+        def seen_of(r: SweepRow) -> list[tuple[int, bool, Any]]:
+            return [(i, ok, p) for i, ok, p in zip(r.val_indices or [], r.val_correct or [], r.val_predictions or [])
+                    if i in seen]
 
-        bounds = {r.key: wilson_interval(*counts(r), conf) for r in rows}
+        outcomes = {r.key: seen_of(r) for r in rows}
+        bounds = {k: wilson_interval(sum(ok for _, ok, _ in v), len(v), conf) for k, v in outcomes.items()}
+        if not self.config.allow_collapsed:
+            for r in rows:
+                answers = Counter(answer_text(val.examples[i], p) for i, _, p in outcomes[r.key])
+                n = sum(answers.values())
+                low = wilson_interval(max(answers.values()), n, conf)[0] if n else 0.0
+                if r.eliminated is None and low >= COLLAPSE_SHARE:
+                    r.eliminated = (f"round {round_no}: collapsed (one answer on at least {low:.1%} of examples at "
+                                    f"{conf:.0%} confidence, after {n} examples)")
         lows = [bounds[r.key][0] for r in rows if self.eligible(r)]
-        if not lows:
-            return [c for c in alive if c.key in self.rows and self.rows[c.key].eliminated is None]
-        best_low = max(lows)
-        for r in rows:
-            if r.eliminated is None and bounds[r.key][1] < best_low:
-                r.eliminated = (f"round {round_no}: upper {conf:.0%} Wilson bound {bounds[r.key][1]:.3f} below the "
-                                f"best lower bound {best_low:.3f} after {r.val_n} examples")
+        if lows:
+            best_low = max(lows)
+            for r in rows:
+                if r.eliminated is None and bounds[r.key][1] < best_low:
+                    r.eliminated = (f"round {round_no}: upper {conf:.0%} Wilson bound {bounds[r.key][1]:.3f} below "
+                                    f"the best lower bound {best_low:.3f} after {len(outcomes[r.key])} examples")
         return [c for c in alive if c.key in self.rows and self.rows[c.key].eliminated is None]
 
     def _test_plan(self) -> StepPlan:

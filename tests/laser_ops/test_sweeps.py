@@ -341,6 +341,7 @@ class ScriptedExecutor(StepExecutor):
     def __init__(self, config: SweepConfig, split, truth: dict[str, float]) -> None:
         super().__init__(config, split)
         self.truth = truth
+        self.constant: set[str] = set()
         self.evaluations = 0
 
     def work(self, plan, swapper, scorer):
@@ -353,8 +354,12 @@ class ScriptedExecutor(StepExecutor):
             acc = self.truth.get(key, 0.5)
             rng = random.Random(key)
             outcome = [rng.random() < acc for _ in range(len(val))]
-            correct = [outcome[i] for i in positions]
-            preds = [val.examples[i].gold if ok else 1 - val.examples[i].gold for i, ok in zip(positions, correct)]
+            if key in self.constant:  # always answers choice 0 ('a')
+                preds = [0 for _ in positions]
+                correct = [0 in val.examples[i].correct for i in positions]
+            else:
+                correct = [outcome[i] for i in positions]
+                preds = [val.examples[i].gold if ok else 1 - val.examples[i].gold for i, ok in zip(positions, correct)]
             from laser_ops.evaluation import ExampleOutcome, report_from_outcomes
             report = report_from_outcomes(val.subset(positions), [
                 ExampleOutcome(id=val.examples[i].id, correct=ok, prediction=p, gold_logprob=-1.0)
@@ -385,6 +390,7 @@ def test_successive_halving_drops_clear_losers_and_saves_evaluations() -> None:
     assert result.full_grid_evaluations / result.example_evaluations >= 3
     dropped = [r for r in result.rows if r.eliminated]
     assert len(dropped) == 23 and all(r.val_n < n_val for r in dropped)
+    assert all("Wilson bound" in r.eliminated for r in dropped)
     # interrupted after 9 steps (mid round 2), rows persisted without the in-memory elimination flags:
     # the resumed job extends them and takes the same decisions as the uninterrupted one
     first = SweepRunner(cfg, ds, executor=ScriptedExecutor(cfg, split_runner.split, truth))
@@ -420,3 +426,25 @@ def test_eta_counts_the_test_step_from_the_examples_it_scores() -> None:
     configs = sum(n_val * (layers - c.layer) for c in runner.config_rows())
     assert before_configs == configs + 2 * len(runner.split.test) * layers
     assert seen[-1][0].eta_s == 0.0
+
+
+def test_successive_halving_drops_configs_that_surely_collapsed() -> None:
+    """A config answering one label everywhere cannot win: it is dropped once that is clear at the confidence."""
+    ds = Dataset(name="bin", kind="multiple_choice", examples=[
+        Example(id=i, input=f"q{i}", choices=["a", "b"], correct=[int(i % 3 == 0)]) for i in range(640)])
+    cfg = SweepConfig(strategy="successive_halving", types=["fc_in"], layers=[1, 2], rhos=[0.5, 0.1],
+                      validation_fraction=0.5, halving_min_examples=20)
+    keys = [c.key for c in grid_candidates(cfg, _setup()[1].targets)]
+    split = SweepRunner(cfg, ds).split
+    truth = dict.fromkeys(keys, 0.55)
+    scripted = ScriptedExecutor(cfg, split, truth)
+    scripted.constant = {keys[0]}  # scores the majority baseline (about 67%) by always answering 'a'
+    result = SweepRunner(cfg, ds, executor=scripted).run(*_setup()[::-1])
+    rows = {r.key: r for r in result.rows}
+    assert rows[keys[0]].collapsed and "collapsed" in rows[keys[0]].eliminated
+    assert rows[keys[0]].val_n < result.n_validation  # dropped before the last round
+    assert result.winner.key != keys[0]
+    kept = ScriptedExecutor(cfg.model_copy(update={"allow_collapsed": True}), split, truth)
+    kept.constant = {keys[0]}
+    allowed = SweepRunner(cfg.model_copy(update={"allow_collapsed": True}), ds, executor=kept).run(*_setup()[::-1])
+    assert allowed.winner.key == keys[0]  # asked for: the constant predictor wins on accuracy
