@@ -171,8 +171,10 @@ def ray_part(args: argparse.Namespace, lm, swapper: WeightSwapper, console: Cons
     from laser_ops.ray_sweeps import ModelSource, RaySweepPool
 
     n_layers = swapper.targets.num_layers
+    # the test step is one sequential step (base and winner on test): capped so the search dominates, as in a
+    # real grid where hundreds of configs share one test step
     config = SweepConfig(types=args.types, layers=list(range(n_layers - args.ray_layers, n_layers)), rhos=args.rhos,
-                         validation_fraction=0.2, batch_size=args.batch_size)
+                         validation_fraction=0.2, batch_size=args.batch_size, max_test_examples=args.ray_examples)
     data = pool_of(args.ray_examples)
     source = ModelSource(args.model, lm.fingerprint, device=args.device, dtype=args.dtype)
     timings, results = {}, {}
