@@ -119,6 +119,7 @@ class GenerateChoice(Model):
 
 class GenerateResponse(Model):
     profile: str
+    profile_hash: str = ""  # hash of the interventions that computed the answer
     choices: list[GenerateChoice]
     usage: GenerateUsage
 
@@ -132,6 +133,7 @@ class GenerateStreamEvent(Model):
     """One streamed delta; the last event has ``finish_reason`` and ``usage``."""
 
     profile: str
+    profile_hash: str = ""
     text: str = ""
     finish_reason: str | None = None
     usage: GenerateUsage | None = None
@@ -153,6 +155,7 @@ class PerplexityScore(Model):
 
 class ScoreResponse(Model):
     profile: str
+    profile_hash: str = ""
     continuations: list[ContinuationScore] | None = None
     argmax: int | None = None
     perplexity: PerplexityScore | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,10 +28,18 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (JSON list). Empty: CORS off.")
     default_profile: str = Field("base", description="Profile used when a request names none (pin production traffic here).")
     max_queue: int = Field(256, ge=1, description="Pending requests before 429 with Retry-After.")
-    max_batch_size: int = Field(16, ge=1, le=512, description="Requests of one profile run together in one batch.")
-    mixed_batches: bool = Field(True, description=(
-        "Let generate requests of several profiles share one batch (each row still uses only its own profile's "
-        "weights, through per-row overrides of the matrices that differ). Off: one profile per batch."))
+    max_running: int = Field(16, ge=1, le=1024, description=(
+        "Rows in the continuous batch at once (generating, scoring or prefilling; any mix of profiles). "
+        "Requests beyond it wait and join as rows finish."))
+    max_batch_tokens: int = Field(2048, ge=2, le=1 << 20, description=(
+        "Tokens computed per engine step: one per decoding row, the rest on prompt chunks. Must exceed "
+        "max_running."))
+    prefill_chunk: int = Field(512, ge=1, le=1 << 20, description=(
+        "Longest slice of one prompt computed in one step: a long prompt delays running rows by one chunk "
+        "per step at most."))
+    profile_cache_bytes: int = Field(1 << 30, ge=0, description=(
+        "Bytes of compiled profiles (per-row factors) kept; least recently served ones beyond it are dropped "
+        "and recompiled from the SVD cache when needed."))
     max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt accepted, in tokens.")
     max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens / max_tokens accepted.")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted.")
@@ -50,6 +58,13 @@ class Settings(BaseSettings):
         if v not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError("log_level must be one of debug, info, warning, error, critical")
         return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> Settings:
+        if self.max_batch_tokens <= self.max_running:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must exceed max_running "
+                             f"({self.max_running}): a full decode step must leave room for a prompt chunk")
+        return self
 
     @property
     def db_path(self) -> Path:

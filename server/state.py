@@ -67,11 +67,13 @@ def build_services(settings: Settings, metrics: Metrics, loaded: LoadedModel | N
     # the originals stay on CPU (WeightSwapper), so revert never depends on device memory.
     swapper = WeightSwapper(loaded.model, svd_cache=svd_cache, max_cache_bytes=settings.edit_cache_bytes,
                             targets=targets, cache_device=loaded.device)
-    scorer = HFScorer(loaded.model, loaded.tokenizer, batch_size=settings.max_batch_size)
+    scorer = HFScorer(loaded.model, loaded.tokenizer, batch_size=settings.max_running,
+                      max_batch_tokens=settings.max_batch_tokens)
     db = Database(settings.db_path)
     profiles = ProfileStore(db)
     engine = Engine(swapper, scorer, profiles.specs, metrics, max_queue=settings.max_queue,
-                    max_batch_size=settings.max_batch_size, mixed_batches=settings.mixed_batches)
+                    max_running=settings.max_running, max_batch_tokens=settings.max_batch_tokens,
+                    prefill_chunk=settings.prefill_chunk, profile_cache_bytes=settings.profile_cache_bytes)
     engine.start()
     metrics.set_active("base", None)
     logger.info("ready: %s with %d stored profiles", loaded.model_id, len(profiles.list()))

@@ -214,8 +214,9 @@ def test_dashboard_queries_only_known_metrics() -> None:
     for needed in ("laser_requests_total", "laser_request_duration_seconds_bucket",
                    "laser_queue_duration_seconds_bucket",
                    "laser_inference_duration_seconds_bucket", "laser_time_to_first_token_seconds_bucket",
-                   "laser_prompt_tokens_total", "laser_generated_tokens_total", "laser_profile_swaps_total",
-                   "laser_profile_swap_duration_seconds_bucket", "laser_queue_depth", "laser_active_profile",
+                   "laser_prompt_tokens_total", "laser_generated_tokens_total", "laser_running_rows",
+                   "laser_weight_bytes_written_total", "laser_kv_cache_bytes", "laser_profile_factor_bytes",
+                   "laser_queue_depth", "laser_active_profile",
                    "laser_edit_cache_bytes", "laser_jobs", "laser_job_progress_ratio"):
         assert needed in used, needed
     for e in exprs:

@@ -45,25 +45,35 @@ class ForwardGate:
 
     ``entered`` is set once a forward pass is waiting at the gate, so a test knows the owner is busy
     (and the queue holds exactly what it submitted next) without guessing with sleeps. The first
-    ``free_passes`` forward passes go through unhindered.
+    ``free_passes`` forward passes go through unhindered; :meth:`close` arms it again. It hooks the
+    transformer body (``model.base_model``), which every engine forward runs.
     """
 
     def __init__(self, model: torch.nn.Module, free_passes: int = 0) -> None:
         self.entered = threading.Event()
         self._open = threading.Event()
         self._passes = free_passes
-        self._handle = model.register_forward_pre_hook(self._hook)
+        self.passes = 0  # forward passes that went through
+        body = getattr(model, "base_model", None) or model
+        self._handle = body.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, args: object) -> None:
         if self._passes > 0:
             self._passes -= 1
-            return
-        self.entered.set()
-        if not self._open.wait(60):
-            raise TimeoutError("the test never opened the gate")
+        else:
+            self.entered.set()
+            if not self._open.wait(60):
+                raise TimeoutError("the test never opened the gate")
+        self.passes += 1
 
     def open(self) -> None:
         self._open.set()
+
+    def close(self, free_passes: int = 0) -> None:
+        """Hold forward passes again after ``free_passes`` more."""
+        self._passes = free_passes
+        self.entered.clear()
+        self._open.clear()
 
     def remove(self) -> None:
         self._open.set()
