@@ -54,3 +54,23 @@ def page(browser, tmp_path: Path) -> Iterator[object]:
     finally:
         context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def open_ui(page, url: str, tab: str = "playground") -> None:
+    """Load the UI on ``tab`` and wait until it has read the model and the profiles."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/ui/#{tab}")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+
+
+def start_sweep_from_page(page, *, types: list[str], layers: str, rhos: str, validation: int, test: int) -> None:
+    """Fill the sweep form (on the Sweeps tab, dataset already chosen) and start it."""
+    for box in page.locator("#sw-types input").all():
+        box.set_checked(box.get_attribute("value") in types)
+    page.get_by_label("Layers").fill(layers)
+    page.get_by_label("ρ (rank fractions)").fill(rhos)
+    page.get_by_text("Search and budget").click()
+    page.get_by_label("Validation examples").fill(str(validation))
+    page.get_by_label("Test examples").fill(str(test))
+    page.get_by_role("button", name="Start sweep").click()

@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.server.conftest import LiveServer, start_server, tiny_loaded
-from tests.server.ui.conftest import PHONE
+from tests.server.ui.conftest import PHONE, open_ui, start_sweep_from_page
 
 EDITED = {"name": "edited", "description": "rank 1 on every MLP matrix",
           "interventions": [{"kind": "laser", "target": "mlp", "layer": "all", "rank": 1}]}
@@ -29,11 +29,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     assert srv.client.post("/v1/profiles", json=EDITED).status_code == 201
     yield srv
     srv.stop()
-
-
-def open_ui(page: Page, srv: LiveServer, tab: str = "playground") -> None:
-    page.goto(f"{srv.url}/ui/#{tab}")
-    expect(page.locator("body")).to_have_attribute("data-ready", "true")
 
 
 def pick_profiles(page: Page, names: list[str]) -> None:
@@ -60,7 +55,7 @@ def test_playground_streams_base_and_edited_side_by_side_and_marks_the_first_dif
                 .json()["choices"][0]["text"] for p in ("base", "edited")}
     assert expected["base"] != expected["edited"]
 
-    open_ui(page, server)
+    open_ui(page, server.url)
     pick_profiles(page, ["base", "edited"])
     page.get_by_label("Prompt", exact=True).fill(prompt)
     page.get_by_label("Max new tokens").fill("12")
@@ -96,7 +91,7 @@ def test_score_mode_shows_each_profiles_logprobs_and_pick(page: Page, server: Li
     api = server.client.post("/v1/compare", json={"profiles": ["base", "edited"], "score": {
         "context": context, "continuations": candidates}}).json()
 
-    open_ui(page, server)
+    open_ui(page, server.url)
     pick_profiles(page, ["base", "edited"])
     page.get_by_label("Score answers").check()
     page.get_by_label("Context").fill(context)
@@ -119,7 +114,7 @@ def test_score_mode_shows_each_profiles_logprobs_and_pick(page: Page, server: Li
 
 def test_profile_form_runs_the_dry_run_as_you_type_and_shows_the_spectrum(
         page: Page, server: LiveServer, tmp_path: Path) -> None:
-    open_ui(page, server, "profiles")
+    open_ui(page, server.url, "profiles")
     page.get_by_label("Profile name").fill("late-fc-in")
     edit = page.get_by_role("group", name="Intervention 1")
     edit.get_by_label("Target").select_option("fc_in")
@@ -189,21 +184,14 @@ def test_sweep_started_from_the_page_fills_the_heatmap_cell_by_cell_and_shows_a_
     gate = threading.Event()
     _hold_after(server, 3, gate)  # base + 2 configs, then wait
     try:
-        open_ui(page, server, "sweeps")
+        open_ui(page, server.url, "sweeps")
         page.get_by_label("File", exact=True).set_input_files(data)
         expect(page.locator("#ds-name")).to_have_value("toy")
         page.get_by_role("button", name="Upload").click()
         expect(page.locator("#ds-status")).to_contain_text("Stored toy: 40 multiple choice examples")
         expect(page.locator("#sw-dataset")).to_have_value("toy")
 
-        page.locator('#sw-types input[value="fc_out"]').uncheck()
-        page.locator('#sw-types input[value="fc_in"]').check()
-        page.get_by_label("Layers").fill("0:2")
-        page.get_by_label("ρ (rank fractions)").fill("0.5, 0.1")
-        page.get_by_text("Search and budget").click()
-        page.get_by_label("Validation examples").fill("8")
-        page.get_by_label("Test examples").fill("16")
-        page.get_by_role("button", name="Start sweep").click()
+        start_sweep_from_page(page, types=["fc_in"], layers="0:2", rhos="0.5, 0.1", validation=8, test=16)
 
         cells = page.locator("#job-heatmap td.cell")
         expect(cells).to_have_count(4)  # fc_in x layers {0, 1} x rho {0.5, 0.1}
@@ -251,8 +239,7 @@ def test_sweep_started_from_the_page_fills_the_heatmap_cell_by_cell_and_shows_a_
 def test_with_api_keys_the_page_shows_401_until_a_key_is_entered(page: Page, tmp_path: Path) -> None:
     srv = start_server(tmp_path, tiny_loaded(), api_key="infer-key", admin_api_key="admin-key")
     try:
-        open_ui_url = f"{srv.url}/ui/"
-        page.goto(open_ui_url)
+        page.goto(f"{srv.url}/ui/")  # no key yet: the model line loads (/info is open), the profiles answer 401
         alert = page.get_by_role("alert")
         expect(alert).to_contain_text("401")
         expect(alert).to_contain_text("API key")
@@ -283,7 +270,7 @@ def test_with_api_keys_the_page_shows_401_until_a_key_is_entered(page: Page, tmp
 
 
 def test_keyboard_alone_switches_tabs_and_runs_the_playground(page: Page, server: LiveServer) -> None:
-    open_ui(page, server)
+    open_ui(page, server.url)
     page.get_by_role("tab", name="Playground").focus()
     page.keyboard.press("ArrowRight")
     expect(page.get_by_role("tab", name="Profiles")).to_be_focused()
@@ -311,7 +298,7 @@ def test_keyboard_alone_switches_tabs_and_runs_the_playground(page: Page, server
 
 def test_every_tab_fits_a_390px_phone(page: Page, server: LiveServer, tmp_path: Path) -> None:
     page.set_viewport_size(PHONE)
-    open_ui(page, server)
+    open_ui(page, server.url)
     pick_profiles(page, ["base", "edited"])
     page.get_by_role("button", name="Run").click()
     expect(page.locator("#pg-summary")).to_have_attribute("data-state", "done")

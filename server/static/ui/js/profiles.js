@@ -44,7 +44,7 @@ export function init(c) {
 
 // -- list ------------------------------------------------------------------------------------------------
 
-export function describeEdit(e) {
+function describeEdit(e) {
   const knob = ["rank_fraction", "rank", "energy", "sparsity"].find((k) => e[k] !== undefined && e[k] !== null);
   const label = { rank_fraction: "ρ", rank: "k", energy: "energy", sparsity: "sparsity" }[knob];
   const layer = Array.isArray(e.layer) ? e.layer.join(",") : e.layer;

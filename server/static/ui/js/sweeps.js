@@ -160,7 +160,8 @@ async function start() {
     const job = await api.startSweep(body);
     status.textContent = `Started ${job.id}.`;
     await refreshJobs();
-    openJob(job.id, job);
+    await openJob(job.id, job);
+    $("#job-view").scrollIntoView({ behavior: "smooth", block: "start" });
   } catch (err) {
     status.textContent = err.message;
     if (err instanceof api.ApiError && err.isAuth) ctx.showError(err);
@@ -225,6 +226,7 @@ async function follow(v) {
     v.rows = new Map(final.rows.map((r) => [r.key, r]));
     renderJob(v);
     refreshJobs().catch(() => {});
+    if (!TERMINAL.has(final.state)) follow(v);  // the stream ended early (a proxy timeout): listen again
   } catch (err) {
     if (err.name !== "AbortError") ctx.showError(err);
   }
