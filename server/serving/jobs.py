@@ -302,6 +302,11 @@ class JobManager:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def running_job(self) -> str | None:
+        """Id of the job this manager is executing right now (None between jobs)."""
+        return self._live.job_id if self._live is not None else None
+
     # -- worker
 
     async def _work(self) -> None:
