@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+from laser_ops.scoring import Scorer
+from laser_ops.spectral import SpectrumReport
+from laser_ops.swap import WeightSwapper
 from laser_ops.targets import TargetError
 from server.errors import ApiError
 from server.protocol.spectra import MatrixSpectrum
@@ -22,9 +25,8 @@ async def spectrum(services: Services, type_: str, layer: int, k: int | None) ->
         raise ApiError(422, f"k {k} out of range: allowed 1..{n} for this {ref.shape[0]}x{ref.shape[1]} matrix",
                        ("query", "k"))
 
-    def compute(swapper, _scorer):  # type: ignore[no-untyped-def]
-        S = swapper.singular_values(ref.type, ref.layer)
-        return S.tolist(), swapper.spectrum(ref.type, ref.layer, k)
+    def compute(swapper: WeightSwapper, _scorer: Scorer) -> tuple[list[float], SpectrumReport]:
+        return swapper.singular_values(ref.type, ref.layer).tolist(), swapper.spectrum(ref.type, ref.layer, k)
 
     values, report = await services.engine.run_task(compute)
     return MatrixSpectrum(
