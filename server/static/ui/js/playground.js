@@ -37,6 +37,7 @@ export function init(c) {
   for (const r of $$("input[name=pg-mode]")) r.addEventListener("change", modeChanged);
   $("#pg-stop-run").addEventListener("click", () => controller?.abort());
   $("#pg-token-view").addEventListener("change", (e) => {
+    $("#pg-legend").hidden = !(e.target.checked && lastRun?.tokenView);
     if (e.target.checked && lastRun && !lastRun.tokenView) tokenView(lastRun);
     else if (lastRun) renderColumns(lastRun, e.target.checked && lastRun.tokenView);
   });
@@ -319,7 +320,7 @@ function summarize(runState) {
  */
 async function tokenView(runState) {
   const cols = runState.columns;
-  if (cols.length < 2 || cols.some((c) => c.error)) return;
+  if (cols.length < 2 || cols.some((c) => c.error || c.finish === null)) return;  // still streaming or failed
   const out = $("#pg-output");
   out.dataset.tokenView = "loading";
   const otherOf = (i) => (i === 0 ? 1 : 0);

@@ -12,6 +12,7 @@ const KNOBS = { rank_fraction: "ρ (rank fraction)", rank: "rank k", energy: "en
 
 let ctx;
 let dryRun = { seq: 0, controller: null };
+let editIds = 0;  // ids of intervention rows stay unique across removals
 
 export function init(c) {
   ctx = c;
@@ -39,7 +40,12 @@ export function init(c) {
     showSpectrum($("#sp-type").value, Number($("#sp-layer").value), $("#sp-k").value ? Number($("#sp-k").value) : null);
   });
   addEdit({ kind: "laser", target: types[0], layer: String(-1), knob: "rank_fraction", value: "0.01" });
-  changed();
+}
+
+/** When the tab is shown, run the form's dry run unless it already has a current answer. */
+export function shown() {
+  const state = $("#pf-dry").dataset.state;
+  if (!state || state === "error") changed();
 }
 
 // -- list ------------------------------------------------------------------------------------------------
@@ -89,11 +95,11 @@ function options(values, selectedValue, labels = {}) {
 
 function addEdit(init = {}) {
   const box = $("#pf-edits");
-  const n = box.children.length + 1;
+  const n = ++editIds;
   const targets = [...Object.keys(ctx.info.laser_types), ...Object.keys(ctx.info.groups || {})];
   const id = (f) => `pf-e${n}-${f}`;
   const field = (f, label, control) => h("label", { for: id(f), class: `f-${f}` }, label, control);
-  const row = h("div", { class: "edit row wrap", role: "group", "aria-label": `Intervention ${n}` },
+  const row = h("div", { class: "edit row wrap", role: "group" },
     field("kind", "Kind", h("select", { id: id("kind"), name: "kind" }, options(KINDS, init.kind || "laser"))),
     field("target", "Target", h("select", { id: id("target"), name: "target" }, options(targets, init.target || targets[0]))),
     field("layer", "Layer", h("input", { id: id("layer"), name: "layer", type: "text", value: init.layer ?? "-1",
@@ -104,12 +110,22 @@ function addEdit(init = {}) {
     field("sparsity", "Sparsity", h("input", { id: id("sparsity"), name: "sparsity", type: "number", step: "any",
       min: "0", max: "0.999", value: "0.9" })),
     field("seed", "Seed", h("input", { id: id("seed"), name: "seed", type: "number", min: "0", value: "0" })),
-    h("button", { type: "button", class: "ghost small remove", "aria-label": `Remove intervention ${n}`, onclick: () => {
+    h("button", { type: "button", class: "ghost small remove", onclick: () => {
       row.remove();
+      renumber();
       changed();
     } }, "Remove"));
   box.append(row);
   syncEditFields(row);
+  renumber();
+}
+
+/** Rows are named by their position, so "Intervention 2" is always the second one. */
+function renumber() {
+  $$("#pf-edits .edit").forEach((row, i) => {
+    row.setAttribute("aria-label", `Intervention ${i + 1}`);
+    $(".remove", row).setAttribute("aria-label", `Remove intervention ${i + 1}`);
+  });
 }
 
 /** Show only the fields the row's kind takes. */
