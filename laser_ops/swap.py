@@ -221,11 +221,14 @@ class WeightSwapper:
         """Per-matrix k, retained energy and Frobenius error, without touching the model."""
         return self._prepare(specs, report=True, use_cache=False).reports
 
+    def singular_values(self, type_: str, layer: int) -> torch.Tensor:
+        """All singular values of one base matrix, descending (from the SVD cache, decomposed once)."""
+        ref = self.targets.ref(type_, layer)
+        return self.svd_cache.get(ref.key, self.original_matrix(ref).to(torch.float32), complete=True).S
+
     def spectrum(self, type_: str, layer: int, k: int | None = None) -> SpectrumReport:
         """Data-free diagnostics of one base matrix (uses the SVD cache)."""
-        ref = self.targets.ref(type_, layer)
-        dec = self.svd_cache.get(ref.key, self.original_matrix(ref).to(torch.float32), complete=True)
-        return spectrum_report(dec.S, ref.shape, k)
+        return spectrum_report(self.singular_values(type_, layer), self.targets.ref(type_, layer).shape, k)
 
     # -- applying --------------------------------------------------------------------------------
 
