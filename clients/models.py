@@ -302,6 +302,7 @@ class JobSummary(Model):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    owner: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -312,6 +313,8 @@ class Job(JobSummary):
     """``JobPublic``: state, progress, the per-config table and, when finished, the test report."""
 
     config: dict[str, Any]
+    model_id: str | None = None
+    model_fingerprint: str | None = None
     progress: float | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None
