@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench lock clean
+.PHONY: install postgres serve test bench lock clean
 
 # Reinstall only when the dependency pins change (idempotent, fast when done).
 $(STAMP): pyproject.toml constraints.txt
@@ -24,7 +24,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m server --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# PostgreSQL server binaries for the store tests (Debian package via apt-get when missing; they start
+# their own throwaway cluster on a free port, see tests/pg_cluster.py).
+postgres:
+	./.ci/postgres
+
+test: $(STAMP) postgres
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP)

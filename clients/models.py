@@ -303,6 +303,7 @@ class JobSummary(Model):
     finished_at: float | None = None
     error: str | None = None
     owner: str | None = None
+    heartbeat_at: float | None = None
 
     @property
     def terminal(self) -> bool:

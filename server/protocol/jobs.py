@@ -110,6 +110,9 @@ class JobSummary(BaseModel):
     owner: str | None = Field(None, description=(
         "The server (host:pid:nonce) holding the job's lease while it runs (the last one once it ended); "
         "null while queued or after its owner shut down and gave it back."))
+    heartbeat_at: float | None = Field(None, description=(
+        "Unix time (database clock) of the owner's last heartbeat; another server takes a running job over "
+        "once this is older than job_lease_s."))
 
 
 class JobPublic(JobSummary):

@@ -400,7 +400,7 @@ class JobManager:
         return JobSummary(id=job.id, state=job.state, dataset=job.dataset,  # type: ignore[arg-type]
                           done=job.done if done is None else done, total=job.total if total is None else total,
                           created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                          error=job.error, owner=job.owner)
+                          error=job.error, owner=job.owner, heartbeat_at=job.heartbeat)
 
     def progress_event(self, job: JobRecord, kind: str = "progress", last: SweepRow | None = None) -> JobProgress:
         live = self._live_for(job.id)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +9,7 @@ import httpx
 import pytest
 
 from laser_ops.testing import save_tiny_model
-from tests.server.conftest import LiveServer, free_port, start_server, tiny_loaded
+from tests.server.conftest import LiveServer, ServerProcess, start_server, tiny_loaded
 
 P1 = [{"kind": "laser", "target": "fc_in", "layer": 1, "rank_fraction": 0.1}]
 P2 = [{"kind": "zero", "target": "fc_out", "layer": 0}]
@@ -140,48 +136,21 @@ def test_profiles_survive_an_app_restart(tmp_path: Path) -> None:
         srv.stop()
 
 
-def _spawn(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--data-dir", str(data_dir),
-           "--port", str(port), "--device", "cpu", "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server did not become ready")
-
-
 def test_profiles_survive_kill_9(tmp_path: Path) -> None:
     """A separate server process is SIGKILLed right after the create answers; the restart finds the profile."""
     model_dir = Path(save_tiny_model("llama", str(tmp_path / "model")))
     data_dir = tmp_path / "data"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _spawn(model_dir, data_dir, port)
+    flags = ("--log-level", "warning")
+    srv = ServerProcess.spawn(model_dir, data_dir, *flags, log=tmp_path / "server.log").wait_ready()
     try:
-        _wait_ready(proc, url)
-        r = httpx.post(f"{url}/v1/profiles", json={"name": "durable", "interventions": P1}, timeout=30)
+        r = httpx.post(f"{srv.url}/v1/profiles", json={"name": "durable", "interventions": P1}, timeout=30)
         assert r.status_code == 201, r.text
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-        proc = _spawn(model_dir, data_dir, port)
-        _wait_ready(proc, url)
-        r = httpx.get(f"{url}/v1/profiles/durable", timeout=30)
+        srv.kill()
+        srv = ServerProcess.spawn(model_dir, data_dir, *flags, log=tmp_path / "server.log").wait_ready()
+        r = httpx.get(f"{srv.url}/v1/profiles/durable", timeout=30)
         assert r.status_code == 200 and r.json()["matrices"] == 1
     finally:
-        proc.kill()
-        proc.wait(30)
+        srv.kill()
 
 
 def test_replicas_sharing_a_store_see_each_others_profiles(tmp_path: Path) -> None:
