@@ -14,6 +14,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LASER_", cli_kebab_case=True, cli_prog_name="laser-serve", cli_implicit_flags=True,
         cli_hide_none_type=True, extra="ignore",
+        hide_input_in_errors=True,  # errors name the setting and the rule, never echo a key or database URL
     )
 
     model: str = Field("smollm2-135m", description="Model: the alias 'smollm2-135m', a local Hugging Face folder, or a .gguf file.")

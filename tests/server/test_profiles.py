@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -172,3 +174,36 @@ def test_replicas_sharing_a_store_see_each_others_profiles(tmp_path: Path) -> No
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_locked_store_stalls_no_other_request(live: LiveServer) -> None:
+    """Another process holds the SQLite write lock: a profile write waits for it on the store's threads while
+    health, reads and generation keep answering on the event loop; the write lands once the lock is free."""
+    services = live.app.state.services
+    backend = services.profiles.backend
+    entered = threading.Event()
+    real_upsert = backend.upsert
+
+    def upsert(*args, **kwargs):
+        entered.set()
+        return real_upsert(*args, **kwargs)
+
+    backend.upsert = upsert
+    holder = sqlite3.connect(services.db.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    answers: list[httpx.Response] = []
+    writer = threading.Thread(target=lambda: answers.append(
+        httpx.put(f"{live.url}/v1/profiles/late", json={"interventions": P1}, timeout=120)))
+    try:
+        writer.start()
+        assert entered.wait(60)  # the write is now waiting for the lock
+        assert live.client.get("/health").status_code == 200
+        assert live.client.get("/v1/profiles").status_code == 200
+        g = live.client.post("/v1/generate", json={"prompt": "Paris is", "max_new_tokens": 2})
+        assert g.status_code == 200
+        assert writer.is_alive() and not answers  # all of that answered while the write still waited
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    writer.join(120)
+    assert answers[0].status_code == 201 and live.client.get("/v1/profiles/late").status_code == 200

@@ -17,7 +17,6 @@ in file order) to keep the suite lean.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -32,7 +31,7 @@ import pytest
 from laser_ops.testing import save_tiny_model
 from tests.server.conftest import ServerProcess
 from tests.server.held_server import gate_file
-from tests.server.test_jobs import SMALL, toy_rows, upload
+from tests.server.test_jobs import SMALL, sse_events, toy_rows, upload
 
 LEASE_S = 3.0
 REFRESH_S = 0.2
@@ -201,12 +200,7 @@ def test_a_sweep_runs_exactly_once_and_the_other_server_follows_it(cluster: Clus
 
     def follow() -> None:  # SSE from the server that does not run the job: it follows the store
         with other.client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=DEADLINE_S) as s:
-            name = None
-            for line in s.iter_lines():
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    events.append((name, json.loads(line[6:])))
+            events.extend(sse_events(s.iter_lines()))
 
     follower = threading.Thread(target=follow)
     follower.start()
