@@ -54,7 +54,7 @@ from server.protocol.profiles import ProfilePublic
 from server.serving import datasets as datasets_serving
 from server.serving import profiles as profiles_serving
 from server.state import Services
-from server.store import RESERVED_PROFILES
+from server.store import RESERVED_PROFILES, StoreUnavailableError
 from server.store.datasets import DatasetStore
 from server.store.jobs import STATES, Claim, JobRecord, JobStore
 
@@ -213,7 +213,10 @@ class JobManager:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            await self._run(claim)
+            try:
+                await self._run(claim)
+            except Exception:  # the worker outlives any one job (its lease lapses; another server resumes it)
+                logger.exception("job %s: stopped on an unexpected error", claim.job.id)
 
     async def _after_step(self, job_id: str, row: SweepRow) -> None:
         """Called after each step's row is stored (a seam for tests and extensions)."""
@@ -293,6 +296,9 @@ class JobManager:
             # Shutdown: give the job back (running, no owner), so any server resumes it without waiting.
             await asyncio.shield(self.db.run(self.store.release, job.id, self.owner, elapsed_s=live.elapsed))
             raise
+        except StoreUnavailableError as exc:
+            # Not the job's fault: leave it running; its lease lapses and a server (maybe this one) resumes it.
+            logger.error("job %s: %s; leaving it to be resumed once the store is back", job.id, exc)
         except Exception as exc:
             if isinstance(exc, ModelChangedError):
                 logger.error("job %s failed: %s", job.id, exc)

@@ -7,9 +7,10 @@ data dir) and PostgreSQL (``database_url``; each server with its own data dir).
 - a cancel sent to either server stops it;
 - kill -9 of the owner: the other takes the job over once the lease lapsed and finishes it, recomputing
   nothing that was stored;
-- a model change: a server with other weights fails the resumed job instead of mixing results.
+- a model change: a third server with other weights fails the resumed job instead of mixing results.
 
-Each server runs ``tests.server.held_server``: its worker pauses after the 2nd stored step of a job until the
+The two servers are separate processes (``kill -9`` must be real); the third runs in the test process. Each
+process runs ``tests.server.held_server``: its worker pauses after the 2nd stored step of a job until the
 test releases it, so the drills act on a job known to be mid-flight. Nothing waits on a timer: every wait
 polls a condition with a deadline. The two servers are shared by the drills of one backend (module scope,
 in file order) to keep the suite lean.
@@ -29,7 +30,7 @@ import httpx
 import pytest
 
 from laser_ops.testing import save_tiny_model
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, start_server, tiny_loaded
 from tests.server.held_server import gate_file
 from tests.server.test_jobs import SMALL, sse_events, toy_rows, upload
 
@@ -83,15 +84,15 @@ class Cluster:
     gates: Path
     replicas: list[Replica] = field(default_factory=list)
 
-    def start(self, *names: str, model_dir: Path | None = None, hold: bool = True) -> list[Replica]:
+    def start(self, *names: str) -> list[Replica]:
         started = []
         for name in names:
             data_dir = self.root / ("data" if self.database_url is None else f"data-{name}")
             flags = ["--log-level", "info", "--job-lease-s", str(LEASE_S), "--profile-refresh-s", str(REFRESH_S)]
             if self.database_url is not None:
                 flags += ["--database-url", self.database_url]
-            env = {"LASER_TEST_HOLD_AFTER": str(HOLD_AFTER), "LASER_TEST_GATE_DIR": str(self.gates)} if hold else {}
-            server = ServerProcess.spawn(model_dir or self.model_dir, data_dir, *flags, log=self.root / f"{name}.log",
+            env = {"LASER_TEST_HOLD_AFTER": str(HOLD_AFTER), "LASER_TEST_GATE_DIR": str(self.gates)}
+            server = ServerProcess.spawn(self.model_dir, data_dir, *flags, log=self.root / f"{name}.log",
                                          module="tests.server.held_server", env=env)
             started.append(Replica(name, server, httpx.Client(base_url=server.url, timeout=60)))
         for r in started:  # both start at once; wait for each
@@ -265,12 +266,18 @@ def test_a_model_change_fails_the_resumed_job(cluster: Cluster) -> None:
     job, owner = cluster.held(server, job_id)
     assert owner is server
     owner.server.terminate()  # graceful: the job is given back at once (no lease to wait for)
-    other_model = Path(save_tiny_model("llama", str(cluster.root / "model-seed1"), seed=1))
-    (changed,) = cluster.start("changed", model_dir=other_model, hold=False)
-    final = wait_for("the job to fail on the changed model",
-                     lambda: (j := changed.job(job_id))["state"] in TERMINAL and j)
-    fingerprint = changed.client.get("/info").json()["fingerprint"]
-    assert fingerprint != job["model_fingerprint"]
-    assert final["state"] == "failed" and "resuming would mix results of different weights" in final["error"]
-    assert job["model_fingerprint"][:16] in final["error"] and fingerprint[:16] in final["error"]
-    assert final["done"] == HOLD_AFTER and changed.stored(job_id) == []  # nothing computed on other weights
+    # A third server on the same store with other weights (in this process: it starts in a second).
+    changed = start_server(cluster.root, tiny_loaded(seed=1), database_url=cluster.database_url,
+                           job_lease_s=LEASE_S)
+    try:
+        c = changed.client
+        final = wait_for("the job to fail on the changed model",
+                         lambda: (j := c.get(f"/v1/jobs/{job_id}").json())["state"] in TERMINAL and j)
+        fingerprint = c.get("/info").json()["fingerprint"]
+        assert fingerprint != job["model_fingerprint"]
+        assert final["state"] == "failed" and "resuming would mix results of different weights" in final["error"]
+        assert job["model_fingerprint"][:16] in final["error"] and fingerprint[:16] in final["error"]
+        assert final["done"] == HOLD_AFTER and final["owner"] == changed.app.state.services.extras["jobs"].owner
+        assert changed.app.state.services.extras["jobs"].steps_run == 0  # nothing computed on other weights
+    finally:
+        changed.stop()
