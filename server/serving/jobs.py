@@ -196,6 +196,11 @@ class JobManager:
         live = self._live
         return live if live is not None and live.job.id == job_id else None
 
+    @property
+    def running_job(self) -> str | None:
+        """Id of the job this manager is executing right now (None between jobs)."""
+        return self._live.job.id if self._live is not None else None
+
     # -- worker
 
     async def _work(self) -> None:
@@ -253,11 +258,21 @@ class JobManager:
         job = claim.job
         live = _Live(job, elapsed_before=job.elapsed_s)
         self._live = live
-        loop = asyncio.get_running_loop()
         if claim.previous_owner is not None:
             logger.warning("job %s: taking over from %s, whose last heartbeat was %.1f s ago (lease %.1f s)",
                            job.id, claim.previous_owner, claim.idle_s or 0.0, self.lease_s)
         heartbeat = self._spawn(self._heartbeat(live), name=f"laser-job-heartbeat-{job.id}")
+        try:
+            await self._execute(live)
+            await self._state_changed(job.id)  # published while running_job still names the job
+        finally:
+            heartbeat.cancel()
+            self._live = None
+
+    async def _execute(self, live: _Live) -> None:
+        """Run the claimed job's remaining steps and record how it ended (failures included)."""
+        job = live.job
+        loop = asyncio.get_running_loop()
 
         def on_progress(p: SweepProgress) -> None:  # any thread
             live.progress = p
@@ -310,10 +325,6 @@ class JobManager:
             if not await self.db.run(self.store.finish, job.id, self.owner, "failed", error=msg,
                                      finished_at=time.time(), elapsed_s=live.elapsed):
                 logger.warning("job %s: cancelled or taken over before its failure could be recorded", job.id)
-        finally:
-            heartbeat.cancel()
-            self._live = None
-        await self._state_changed(job.id)
 
     def _record_step(self, live: _Live, runner: SweepRunner, row: SweepRow) -> bool:
         """Store a finished row with the job's progress, if this server still owns the job (store thread)."""

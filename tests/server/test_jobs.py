@@ -19,7 +19,7 @@ from laser_ops.scoring import HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
 from laser_ops.testing import make_tiny_model, tiny_tokenizer
-from tests.server.conftest import LiveServer, start_server, tiny_loaded
+from tests.server.conftest import LiveServer, start_server, tiny_loaded, wait_until
 
 WORDS = ["Paris", "Rome", "France", "Italy", "city", "capital", "fox", "dog", "yes", "no", "blue", "red"]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -193,7 +193,7 @@ def test_cancel_running_and_queued_jobs(live: LiveServer) -> None:
     r = c.delete(f"/v1/jobs/{first['id']}")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     gate.set()
-    time.sleep(0.3)
+    wait_until(lambda: manager(live).running_job is None, what="the worker to wind the cancelled job up")
     job = c.get(f"/v1/jobs/{first['id']}").json()
     assert job["state"] == "cancelled" and job["done"] == 2 and job["test"] is None  # rows kept, no more steps
     assert [r["key"] for r in job["rows"]][:2] == ["base", "laser:fc_in:1:0.5"]
@@ -240,7 +240,6 @@ def test_resume_after_restart_skips_finished_steps(tmp_path: Path) -> None:
         job = start(srv.client, dataset="toy", **SMALL)
         before = wait(srv.client, job["id"], lambda j: j["done"] >= 3)
         assert before["state"] == "running" and before["done"] == 3 and before["owner"] == manager(srv).owner
-        time.sleep(0.1)
     finally:
         srv.stop()
     srv = start_server(tmp_path, tiny_loaded())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import httpx
 import pytest
 
 from laser_ops.testing import save_tiny_model
-from tests.server.conftest import ServerProcess, start_server, tiny_loaded
+from tests.server.conftest import ServerProcess, start_server, tiny_loaded, wait_until
 from tests.server.held_server import gate_file
 from tests.server.test_jobs import SMALL, sse_events, toy_rows, upload
 
@@ -42,15 +41,8 @@ DEADLINE_S = 120.0
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = DEADLINE_S) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` saying what never happened."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
+    """Poll ``check`` (an HTTP round trip or a log read) until it returns something truthy; its value."""
+    return wait_until(check, timeout=timeout, what=what, interval=0.05)
 
 
 @dataclass
