@@ -247,6 +247,8 @@ class JobManager:
             if await self.db.run(self.store.bind_model, job.id, self.owner, loaded.fingerprint, loaded.model_id):
                 logger.warning("job %s did not record its model; bound it to %s (%s)", job.id, loaded.model_id,
                                loaded.fingerprint[:16])
+            else:  # lost meanwhile (cancelled or taken over): the next step's write will say so and stop it
+                logger.info("job %s: could not bind its model (no longer ours)", job.id)
         elif job.model_fingerprint != loaded.fingerprint:
             raise ModelChangedError(
                 f"job {job.id} was submitted for model {job.model_id or '?'} (fingerprint "
@@ -309,7 +311,10 @@ class JobManager:
             await self._conclude(live, runner)
         except asyncio.CancelledError:
             # Shutdown: give the job back (running, no owner), so any server resumes it without waiting.
-            await asyncio.shield(self.db.run(self.store.release, job.id, self.owner, elapsed_s=live.elapsed))
+            if await asyncio.shield(self.db.run(self.store.release, job.id, self.owner, elapsed_s=live.elapsed)):
+                logger.info("job %s: given back to the queue on shutdown", job.id)
+            else:
+                logger.info("job %s: already cancelled or taken over; nothing to give back", job.id)
             raise
         except StoreUnavailableError as exc:
             # Not the job's fault: leave it running; its lease lapses and a server (maybe this one) resumes it.

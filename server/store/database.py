@@ -31,13 +31,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Row(Protocol):
-    """A result row, read by column name (``sqlite3.Row`` and psycopg's ``dict_row`` both are)."""
-
-    def __getitem__(self, key: str) -> Any: ...
-
-
 class Cursor(Protocol):
+    """Rows are read by column name (``row["name"]``): sqlite3.Row and psycopg's dict_row both allow it."""
+
     rowcount: int
 
     def fetchone(self) -> Any: ...
