@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser serve test bench lock clean
+.PHONY: install browser postgres serve test bench lock clean
 
 # Reinstall only when the dependency pins change (idempotent, fast when done).
 $(STAMP): pyproject.toml constraints.txt
@@ -35,7 +35,12 @@ browser:
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core; }
 
-test: $(STAMP) browser
+# PostgreSQL server binaries for the store tests (Debian package via apt-get when missing; they start
+# their own throwaway cluster on a free port, see tests/pg_cluster.py).
+postgres:
+	./.ci/postgres
+
+test: $(STAMP) browser postgres
 	LASER_CHROMIUM=$(CHROMIUM) LASER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -305,6 +305,8 @@ class JobSummary(Model):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    owner: str | None = None
+    heartbeat_at: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -315,6 +317,8 @@ class Job(JobSummary):
     """``JobPublic``: state, progress, the per-config table and, when finished, the test report."""
 
     config: dict[str, Any]
+    model_id: str | None = None
+    model_fingerprint: str | None = None
     progress: float | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None

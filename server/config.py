@@ -14,6 +14,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LASER_", cli_kebab_case=True, cli_prog_name="laser-serve", cli_implicit_flags=True,
         cli_hide_none_type=True, extra="ignore",
+        hide_input_in_errors=True,  # errors name the setting and the rule, never echo a key or database URL
     )
 
     model: str = Field("smollm2-135m", description="Model: the alias 'smollm2-135m', a local Hugging Face folder, or a .gguf file.")
@@ -21,7 +22,13 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="'auto' (float32 on CPU, bfloat16/float16 on CUDA), float32, bfloat16, float16.")
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
-    data_dir: Path = Field(Path("data"), description="Where profiles, datasets, jobs (SQLite) and the SVD cache live.")
+    data_dir: Path = Field(Path("data"), description=(
+        "Where the SVD cache and exports live, and profiles, datasets and jobs (SQLite) unless database_url is set."))
+    database_url: SecretStr | None = Field(None, description=(
+        "PostgreSQL URL (postgresql://user:password@host:5432/dbname) holding profiles, datasets and jobs, "
+        "shared by every replica. Unset: an embedded SQLite file under data_dir."))
+    database_pool_size: int = Field(8, ge=1, le=100, description=(
+        "Connections to the database (and threads doing store work off the event loop)."))
     cache_dir: Path | None = Field(None, description="GGUF conversion cache (default ~/.cache/laser-serve or $LASER_CACHE_DIR).")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for mutations (profiles, datasets, jobs, export). Unset: open.")
     api_key: SecretStr | None = Field(None, description="Bearer key for inference (generate, score, compare, completions). Unset: open.")
@@ -48,6 +55,9 @@ class Settings(BaseSettings):
     svd_disk_cache_bytes: int = Field(8 << 30, ge=0, description="Bytes of SVD factors persisted under data_dir/svd (0: off).")
     profile_refresh_s: float = Field(2.0, ge=0, description=(
         "Seconds between checks for profiles written by other replicas sharing the store (0: off)."))
+    job_lease_s: float = Field(30.0, ge=0.5, le=3600, description=(
+        "Seconds a sweep job's owner may go without a heartbeat (renewed every job_lease_s/3) before another "
+        "replica takes the job over and resumes it."))
     arch_spec: Path | None = Field(None, description="JSON file registering an extra architecture (see README).")
     log_level: str = Field("info", description="debug, info, warning, error.")
 
@@ -65,6 +75,16 @@ class Settings(BaseSettings):
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must exceed max_running "
                              f"({self.max_running}): a full decode step must leave room for a prompt chunk")
         return self
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None
+        if not v.get_secret_value().startswith(("postgresql://", "postgres://")):  # never echo it: secrets
+            raise ValueError("database_url must be a postgresql:// URL; unset it for the embedded SQLite "
+                             "database under data_dir")
+        return v
 
     @property
     def db_path(self) -> Path:

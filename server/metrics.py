@@ -45,8 +45,9 @@ class Metrics:
         self.svd_cache_bytes = Gauge("laser_svd_cache_bytes", "Bytes of cached SVD factors.", registry=r)
         self.rejected = Counter("laser_rejected_requests", "Requests refused because the queue was full.",
                                 ["profile"], registry=r)
-        self.jobs = Gauge("laser_jobs", "Sweep jobs by state.", ["state"], registry=r)
-        self.job_progress = Gauge("laser_job_progress_ratio", "Done/total of running sweep jobs.", ["job"],
+        self.jobs = Gauge("laser_jobs", "Sweep jobs by state in the shared store (every replica reports the same "
+                                        "counts: aggregate with max).", ["state"], registry=r)
+        self.job_progress = Gauge("laser_job_progress_ratio", "Done/total of the sweep job this replica runs.", ["job"],
                                   registry=r)
 
     def set_active(self, profile: str | None, previous: str | None) -> None:
