@@ -7,8 +7,10 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
+CHROMIUM ?= /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve test bench lock clean
+.PHONY: install browser postgres serve test bench lock clean
 
 # Reinstall only when the dependency pins change (idempotent, fast when done).
 $(STAMP): pyproject.toml constraints.txt
@@ -24,8 +26,22 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m server --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+# The UI tests drive Debian's Chromium through Playwright's Python API (never `playwright install`, which
+# downloads browsers). Installed once when missing; CHROMIUM=/path/to/chromium uses another build.
+browser:
+	@test -x $(CHROMIUM) || { \
+	  command -v apt-get >/dev/null || { echo "no $(CHROMIUM) and no apt-get: install Chromium and run make test CHROMIUM=/path/to/it" >&2; exit 1; }; \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core; }
+
+# PostgreSQL server binaries for the store tests (Debian package via apt-get when missing; they start
+# their own throwaway cluster on a free port, see tests/pg_cluster.py).
+postgres:
+	./.ci/postgres
+
+test: $(STAMP) browser postgres
+	LASER_CHROMIUM=$(CHROMIUM) LASER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/swap.py

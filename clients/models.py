@@ -119,6 +119,7 @@ class GenerateChoice(Model):
 
 class GenerateResponse(Model):
     profile: str
+    profile_hash: str = ""  # hash of the interventions that computed the answer
     choices: list[GenerateChoice]
     usage: GenerateUsage
 
@@ -132,6 +133,7 @@ class GenerateStreamEvent(Model):
     """One streamed delta; the last event has ``finish_reason`` and ``usage``."""
 
     profile: str
+    profile_hash: str = ""
     text: str = ""
     finish_reason: str | None = None
     usage: GenerateUsage | None = None
@@ -153,6 +155,7 @@ class PerplexityScore(Model):
 
 class ScoreResponse(Model):
     profile: str
+    profile_hash: str = ""
     continuations: list[ContinuationScore] | None = None
     argmax: int | None = None
     perplexity: PerplexityScore | None = None
@@ -354,6 +357,8 @@ class JobSummary(Model):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    owner: str | None = None
+    heartbeat_at: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -364,6 +369,8 @@ class Job(JobSummary):
     """``JobPublic``: state, progress, the per-config table and, when finished, the test report."""
 
     config: dict[str, Any]
+    model_id: str | None = None
+    model_fingerprint: str | None = None
     progress: float | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None

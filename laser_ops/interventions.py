@@ -10,7 +10,9 @@ A profile is a list of specs; :func:`expand` turns it into one :class:`MatrixEdi
 refuses two edits on the same matrix.
 
 Each kind is an :class:`EditKind` registered by name (collisions refused); it knows how to turn
-the original matrix (and its cached SVD) into the edited one.
+the original matrix (and its cached SVD) into the edited one, and, where one exists, its factored
+form (:meth:`EditKind.factors`): the edited matrix as ``W`` minus or replaced by a rank-k product
+``L @ R``, which serving applies per row without writing any weight.
 """
 
 from __future__ import annotations
@@ -144,6 +146,28 @@ class EditResult:
     k: int | None  # rank kept (None where rank is not the knob)
 
 
+@dataclass(frozen=True)
+class Factors:
+    """An edited matrix in factored form: ``replace`` gives ``L @ R``, ``subtract`` gives ``W - L @ R``.
+
+    ``left`` is (out, k) and ``right`` (k, in), float32; k may be 0 (``zero`` replaces ``W`` by nothing).
+    Applying it to inputs costs k*(out + in) per row instead of out*in.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    mode: Literal["replace", "subtract"]
+
+    @property
+    def rank(self) -> int:
+        return int(self.right.shape[0])
+
+    def matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """The dense edited matrix (float32)."""
+        product = self.left @ self.right
+        return product if self.mode == "replace" else w.to(torch.float32) - product
+
+
 class EditKind(ABC):
     """What to override: :meth:`apply`. Registered by name with :func:`register_edit_kind`."""
 
@@ -153,6 +177,12 @@ class EditKind(ABC):
     @abstractmethod
     def apply(self, spec: InterventionSpec, w: torch.Tensor, svd: DecompositionProvider, ref: TargetRef) -> EditResult:
         """Return the edited logical matrix (float32, same shape as ``w``); never modify ``w``."""
+
+    def factors(self, spec: InterventionSpec, w: torch.Tensor, svd: DecompositionProvider,
+                ref: TargetRef) -> Factors | None:
+        """The edit as :class:`Factors` (the same matrix :meth:`apply` builds), or None if it has no
+        low-rank form (then it is served as a dense matrix)."""
+        return None
 
 
 _KINDS: dict[str, EditKind] = {}
@@ -186,6 +216,10 @@ def rank_for(spec: InterventionSpec, shape: tuple[int, int], S: Callable[[], tor
     return min(r, int(torch.searchsorted(cum, torch.tensor(spec.energy, dtype=cum.dtype) - 1e-12).item()) + 1)
 
 
+def _top_factors(dec: Decomposition, k: int, mode: Literal["replace", "subtract"]) -> Factors:
+    return Factors((dec.U[:, :k] * dec.S[:k]).to(torch.float32), dec.Vh[:k].to(torch.float32).contiguous(), mode)
+
+
 @register_edit_kind
 class LaserTopK(EditKind):
     name = "laser"
@@ -198,6 +232,15 @@ class LaserTopK(EditKind):
         # Small ranks of large matrices may use a randomized decomposition (see SvdCache.get).
         return EditResult(svd(k, False).top(k), k)
 
+    def factors(self, spec, w, svd, ref):
+        if spec.energy is not None:
+            dec = svd(None, True)
+            k = rank_for(spec, ref.shape, lambda: dec.S)
+        else:
+            k = rank_for(spec, ref.shape, lambda: torch.empty(0))
+            dec = svd(k, False)
+        return _top_factors(dec, k, "replace")
+
 
 @register_edit_kind
 class LaserMarchenkoPastur(EditKind):
@@ -207,6 +250,10 @@ class LaserMarchenkoPastur(EditKind):
         dec = svd(None, True)
         k = max(1, mp_rank(dec.S, ref.shape))
         return EditResult(dec.top(k), k)
+
+    def factors(self, spec, w, svd, ref):
+        dec = svd(None, True)
+        return _top_factors(dec, max(1, mp_rank(dec.S, ref.shape)), "replace")
 
 
 @register_edit_kind
@@ -218,6 +265,11 @@ class KeepBottom(EditKind):
         k = rank_for(spec, ref.shape, lambda: dec.S)
         return EditResult(dec.bottom(k), min(ref.shape) - k)
 
+    def factors(self, spec, w, svd, ref):
+        # W - W_k: the full matrix minus the components LASER at the same rank would keep.
+        dec = svd(None, True)
+        return _top_factors(dec, rank_for(spec, ref.shape, lambda: dec.S), "subtract")
+
 
 @register_edit_kind
 class RandomBasis(EditKind):
@@ -225,12 +277,16 @@ class RandomBasis(EditKind):
     needs_svd = False
 
     def apply(self, spec, w, svd, ref):
+        f = self.factors(spec, w, svd, ref)
+        return EditResult(f.left @ f.right, f.rank)
+
+    def factors(self, spec, w, svd, ref):
+        # W Q Q^T for a seeded random orthonormal Q (in x k): factors (W Q, Q^T).
         k = rank_for(spec, ref.shape, lambda: svd(None, True).S)
         g = torch.Generator(device="cpu").manual_seed(spec.seed ^ zlib.crc32(ref.key.encode()))
         q, _ = torch.linalg.qr(torch.randn(ref.shape[1], k, generator=g, dtype=torch.float64))
         q = q.to(torch.float32).to(w.device)
-        wf = w.to(torch.float32)
-        return EditResult((wf @ q) @ q.t(), k)
+        return Factors(w.to(torch.float32) @ q, q.t().contiguous(), "replace")
 
 
 @register_edit_kind
@@ -254,6 +310,10 @@ class Zero(EditKind):
 
     def apply(self, spec, w, svd, ref):
         return EditResult(torch.zeros_like(w, dtype=torch.float32), 0)
+
+    def factors(self, spec, w, svd, ref):
+        m, n = ref.shape
+        return Factors(w.new_zeros((m, 0), dtype=torch.float32), w.new_zeros((0, n), dtype=torch.float32), "replace")
 
 
 # --- expansion ---------------------------------------------------------------------------------

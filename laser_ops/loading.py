@@ -2,7 +2,7 @@
 
 GGUF files are dequantised by transformers (slow: ~15 s for a 135M model on 2 cores), so the
 first load converts once and caches a safetensors copy under ``<cache_dir>/converted/``; later
-loads read that copy. Nothing here downloads anything.
+loads read that copy (and the exact fingerprint cached beside it). Nothing here downloads anything.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from laser_ops.fingerprint import FingerprintCache, model_fingerprint  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -49,6 +51,7 @@ class LoadedModel:
     source: str
     fingerprint: str
     converted_from_gguf: bool = False
+    fingerprint_cached: bool = False  # read back from the fingerprint cache (no hashing on this load)
 
     @property
     def device(self) -> torch.device:
@@ -154,25 +157,6 @@ def convert_gguf(folder: Path, filename: str, cache_dir: Path) -> Path:
     return target
 
 
-def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """Hash of the weights' identity: names, shapes, dtypes and a strided sample of every tensor's values.
-
-    Independent of where the model was loaded from, cheap for large models, and different for
-    any two checkpoints that differ in more than a handful of untouched values.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            flat = p.reshape(-1)
-            if flat.numel() > samples_per_tensor:
-                # Integer arithmetic: a float32 linspace rounds large indexes past the end of the tensor.
-                idx = torch.arange(samples_per_tensor, device=flat.device) * (flat.numel() - 1) // (samples_per_tensor - 1)
-                flat = flat[idx]
-            h.update(flat.detach().to("cpu", torch.float32).numpy().tobytes())
-    return h.hexdigest()
-
-
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -180,7 +164,11 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
-    """Load a model for editing and serving (eval mode, gradients off)."""
+    """Load a model for editing and serving (eval mode, gradients off), with its exact fingerprint.
+
+    The fingerprint (a hash of every weight's bytes in the serving dtype) of a GGUF model is computed on
+    its first load and cached beside the converted weights; a user's folder is hashed on every load.
+    """
     folder, gguf_file, model_id = resolve_source(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -195,5 +183,10 @@ def load_model(
     model = auto.from_pretrained(folder, dtype=dt).to(dev).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    logger.info("loaded %s (%s) on %s as %s", model_id, config.model_type, dev, dt)
-    return LoadedModel(model, tokenizer, model_id, str(spec), model_fingerprint(model), converted)
+    if converted:  # our own content-addressed copy: its fingerprint is cached beside it
+        fingerprint, cached = FingerprintCache(folder / "laser-fingerprint.json", folder).fingerprint(model, dt)
+    else:  # a user's folder may change under us: hash it on every load
+        fingerprint, cached = model_fingerprint(model), False
+    logger.info("loaded %s (%s) on %s as %s, fingerprint %s (%s)", model_id, config.model_type, dev, dt,
+                fingerprint[:16], "cached" if cached else "computed")
+    return LoadedModel(model, tokenizer, model_id, str(spec), fingerprint, converted, cached)

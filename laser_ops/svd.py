@@ -3,7 +3,7 @@
 A :class:`Decomposition` holds ``U, S, Vh`` of one logical matrix. Every rank-k reconstruction is
 a slice and a matmul (``U[:, :k] * S[:k] @ Vh[:k]``), so sweeping seven values of rho costs one
 SVD, not seven. :class:`SvdCache` keeps decompositions in memory (LRU, bounded in bytes) and,
-optionally, on disk as safetensors keyed by the model fingerprint and the parameter name.
+optionally, on disk as safetensors keyed by the model fingerprint, the SVD precision and the parameter name.
 """
 
 from __future__ import annotations
@@ -97,7 +97,12 @@ def decompose(
 
 
 class SvdCache:
-    """Decompositions keyed by (model fingerprint, matrix key), LRU-bounded in bytes.
+    """Decompositions keyed by (model fingerprint, precision, matrix key), LRU-bounded in bytes.
+
+    On disk, factors live under ``disk_dir/<fingerprint>-<precision>/``: the exact fingerprint (see
+    :mod:`laser_ops.fingerprint`) keeps one model's factors from ever serving another, and the precision
+    keeps float32 factors apart from float64 (or bf16) ones. ``max_disk_bytes`` bounds the whole
+    ``disk_dir`` (every model and precision), oldest-used files first.
 
     Thread-safe for concurrent ``get`` calls (a lock guards the maps; a decomposition is computed
     outside the lock, so two threads asking for the same new matrix may both compute it once).
@@ -117,7 +122,9 @@ class SvdCache:
         self.max_bytes = max_bytes
         self.precision = precision
         self.device = torch.device(device)  # where factors live: the model's GPU makes reconstructions cheap
-        self.disk_dir = Path(disk_dir) / fingerprint if disk_dir else None
+        self.disk_root = Path(disk_dir) if disk_dir else None
+        precision_name = str(precision).removeprefix("torch.")
+        self.disk_dir = self.disk_root / f"{fingerprint}-{precision_name}" if self.disk_root else None
         self.max_disk_bytes = max_disk_bytes
         self._mem: OrderedDict[str, Decomposition] = OrderedDict()
         self._bytes = 0
@@ -196,18 +203,26 @@ class SvdCache:
         save_file(
             {"U": dec.U.cpu(), "S": dec.S.cpu(), "Vh": dec.Vh.cpu(), "shape": torch.tensor(dec.shape),
              "complete": torch.tensor(dec.complete)},
-            str(tmp), metadata={"key": key, "fingerprint": self.fingerprint},
+            str(tmp), metadata={"key": key, "fingerprint": self.fingerprint, "precision": str(self.precision)},
         )
         os.replace(tmp, path)
         self._prune_disk()
 
     def _prune_disk(self) -> None:
-        assert self.disk_dir is not None
-        files = sorted(self.disk_dir.glob("*.safetensors"), key=lambda p: p.stat().st_atime)
-        total = sum(p.stat().st_size for p in files)
-        while files and total > self.max_disk_bytes:
-            victim = files.pop(0)
-            total -= victim.stat().st_size
+        """Keep the whole disk cache (all models and precisions) under ``max_disk_bytes``."""
+        assert self.disk_root is not None
+        stats = []
+        for p in self.disk_root.glob("*/*.safetensors"):
+            try:
+                stats.append((p.stat(), p))
+            except FileNotFoundError:  # another process pruned it meanwhile
+                continue
+        stats.sort(key=lambda sp: sp[0].st_atime)
+        total = sum(st.st_size for st, _ in stats)
+        for st, victim in stats:
+            if total <= self.max_disk_bytes:
+                break
+            total -= st.st_size
             victim.unlink(missing_ok=True)
 
     def clear(self) -> None:

@@ -13,13 +13,19 @@ non-finite values *before* the first write, so a failed apply leaves the model a
 Thread-safety contract: a ``WeightSwapper`` is NOT thread-safe. Exactly one owner thread may call
 ``apply``/``revert``/``applied_profile`` and must also be the only thread running forward passes
 on the model (a forward pass concurrent with a swap sees a mix of weights). The server's engine
-thread is that owner; other threads submit work to it.
+thread is that owner; other threads submit work to it. The one exception is
+:meth:`WeightSwapper.original_copy`, which any thread may call (it reads under a lock that swaps
+hold while they write), so decompositions can be computed off the owner thread.
+
+``bytes_written`` counts every byte copied into the model's parameters, so a caller can prove that
+some work (serving factored profiles, say) wrote none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -108,11 +114,12 @@ class WeightSwapper:
         self.svd_method = svd_method
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
         self._originals: dict[str, torch.Tensor] = {}
-        self._device_originals: dict[str, torch.Tensor] = {}  # only for mixed-batch overrides on an accelerator
         self._edited: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._edited_bytes = 0
         self.applied: dict[str, str] = {}  # param name -> signature live in the model (the one source of truth)
         self.current: list[InterventionSpec] = []  # the specs that produced ``applied``
+        self.bytes_written = 0  # bytes copied into model parameters, ever (apply, revert, rollback)
+        self._write_lock = threading.RLock()  # held while parameters or ``_originals`` change
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -140,6 +147,11 @@ class WeightSwapper:
         name = ref.param_name
         source = self._originals[name] if name in self.applied else self._params[name]
         return read_matrix(source, ref)
+
+    def original_copy(self, ref: TargetRef, device: str | torch.device = "cpu") -> torch.Tensor:
+        """A float32 copy of the base logical matrix of ``ref`` on ``device``; safe from any thread."""
+        with self._write_lock:
+            return self.original_matrix(ref).to(device=device, dtype=torch.float32, copy=True)
 
     def _materialize_param(self, name: str, edits: list[MatrixEdit], prepared: _Prepared, report: bool) -> torch.Tensor:
         param = self._params[name]
@@ -213,11 +225,14 @@ class WeightSwapper:
         """The complete SVD of the base matrix ``ref`` from the shared cache (per-row ranks slice it)."""
         return self.svd_cache.get(ref.key, self.original_matrix(ref).to(torch.float32), complete=True)
 
+    def singular_values(self, type_: str, layer: int) -> torch.Tensor:
+        """All singular values of one base matrix, descending (from the SVD cache, decomposed once)."""
+        ref = self.targets.ref(type_, layer)
+        return self.svd_cache.get(ref.key, self.original_matrix(ref).to(torch.float32), complete=True).S
+
     def spectrum(self, type_: str, layer: int, k: int | None = None) -> SpectrumReport:
         """Data-free diagnostics of one base matrix (uses the SVD cache)."""
-        ref = self.targets.ref(type_, layer)
-        dec = self.svd_cache.get(ref.key, self.original_matrix(ref).to(torch.float32), complete=True)
-        return spectrum_report(dec.S, ref.shape, k)
+        return spectrum_report(self.singular_values(type_, layer), self.targets.ref(type_, layer).shape, k)
 
     # -- applying --------------------------------------------------------------------------------
 
@@ -228,28 +243,30 @@ class WeightSwapper:
         prepared = self._prepare(specs)  # may raise: nothing has been written yet
         for name in prepared.signatures:
             if name not in self._originals:
-                self._originals[name] = self._params[name].detach().to("cpu", copy=True)
+                with self._write_lock:
+                    self._originals[name] = self._params[name].detach().to("cpu", copy=True)
         writes = [(n, prepared.signatures[n], prepared.tensors[n]) for n in prepared.signatures
                   if self.applied.get(n) != prepared.signatures[n]]
         restores = [n for n in self.applied if n not in prepared.signatures]
         previous = dict(self.applied)
         done: list[str] = []
-        try:
-            with torch.no_grad():
-                for name in restores:
-                    self._params[name].copy_(self._originals[name])
-                    done.append(name)
-                for name, _sig, tensor in writes:
-                    self._params[name].copy_(tensor)
-                    done.append(name)
-        except BaseException:
-            logger.exception("swap failed after %d writes; restoring the previous state", len(done))
-            self._restore(previous, done)
-            raise
-        for name in restores:
-            del self.applied[name]
-        for name, sig, _tensor in writes:
-            self.applied[name] = sig
+        with self._write_lock:
+            try:
+                with torch.no_grad():
+                    for name in restores:
+                        self._write(name, self._originals[name])
+                        done.append(name)
+                    for name, _sig, tensor in writes:
+                        self._write(name, tensor)
+                        done.append(name)
+            except BaseException:
+                logger.exception("swap failed after %d writes; restoring the previous state", len(done))
+                self._restore(previous, done)
+                raise
+            for name in restores:
+                del self.applied[name]
+            for name, sig, _tensor in writes:
+                self.applied[name] = sig
         for name, sig, tensor in writes:  # after marking them live, so the LRU cannot evict them
             self._remember(name, sig, tensor)
         self.current = parse_profile(specs)
@@ -258,6 +275,11 @@ class WeightSwapper:
         logger.debug("applied profile: %s", stats)
         return stats
 
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        param = self._params[name]
+        param.copy_(tensor)
+        self.bytes_written += param.numel() * param.element_size()
+
     def _restore(self, previous: dict[str, str], names: list[str]) -> None:
         with torch.no_grad():
             for name in names:
@@ -265,7 +287,7 @@ class WeightSwapper:
                 tensor = self._originals[name] if sig is None else self._edited.get((name, sig))
                 if tensor is None:  # cannot happen: live signatures are pinned in the LRU
                     raise RuntimeError(f"lost the tensor for live edit {name}; model state is undefined")
-                self._params[name].copy_(tensor)
+                self._write(name, tensor)
 
     def revert(self) -> SwapStats:
         """Restore the base model bit for bit."""
@@ -286,35 +308,6 @@ class WeightSwapper:
                 continue
             evicted = self._edited.pop(old)
             self._edited_bytes -= evicted.numel() * evicted.element_size()
-
-    def overrides_for(self, specs: ProfileLike) -> dict[str, torch.Tensor]:
-        """Full parameters that would make the *live* model hold ``specs``: only those that differ.
-
-        For mixed-profile batches (:mod:`laser_ops.mixed`): the model keeps its live weights and the
-        rows of this profile use these tensors instead. Materialises into the cache like ``apply``.
-        """
-        prepared = self._prepare(specs)
-        for name, sig in prepared.signatures.items():
-            self._remember(name, sig, prepared.tensors[name])
-        out: dict[str, torch.Tensor] = {}
-        for name in set(prepared.signatures) | set(self.applied):
-            want = prepared.signatures.get(name)
-            if want == self.applied.get(name):
-                continue
-            param = self._params[name]
-            tensor = prepared.tensors[name] if want is not None else self._original_on(name, param.device)
-            out[name] = tensor.to(param.device, param.dtype)
-        return out
-
-    def _original_on(self, name: str, device: torch.device) -> torch.Tensor:
-        """The original of ``name`` on ``device``; device copies are kept so mixed batches on a GPU do not
-        re-send it every batch (the CPU copy stays the one revert restores from)."""
-        if device.type == "cpu":
-            return self._originals[name]
-        cached = self._device_originals.get(name)
-        if cached is None:
-            cached = self._device_originals[name] = self._originals[name].to(device)
-        return cached
 
     def warm(self, specs: ProfileLike) -> int:
         """Materialise a profile into the cache without applying it; returns tensors built."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -14,6 +14,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LASER_", cli_kebab_case=True, cli_prog_name="laser-serve", cli_implicit_flags=True,
         cli_hide_none_type=True, extra="ignore",
+        hide_input_in_errors=True,  # errors name the setting and the rule, never echo a key or database URL
     )
 
     model: str = Field("smollm2-135m", description="Model: the alias 'smollm2-135m', a local Hugging Face folder, or a .gguf file.")
@@ -21,17 +22,31 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="'auto' (float32 on CPU, bfloat16/float16 on CUDA), float32, bfloat16, float16.")
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
-    data_dir: Path = Field(Path("data"), description="Where profiles, datasets, jobs (SQLite) and the SVD cache live.")
+    data_dir: Path = Field(Path("data"), description=(
+        "Where the SVD cache and exports live, and profiles, datasets and jobs (SQLite) unless database_url is set."))
+    database_url: SecretStr | None = Field(None, description=(
+        "PostgreSQL URL (postgresql://user:password@host:5432/dbname) holding profiles, datasets and jobs, "
+        "shared by every replica. Unset: an embedded SQLite file under data_dir."))
+    database_pool_size: int = Field(8, ge=1, le=100, description=(
+        "Connections to the database (and threads doing store work off the event loop)."))
     cache_dir: Path | None = Field(None, description="GGUF conversion cache (default ~/.cache/laser-serve or $LASER_CACHE_DIR).")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for mutations (profiles, datasets, jobs, export). Unset: open.")
     api_key: SecretStr | None = Field(None, description="Bearer key for inference (generate, score, compare, completions). Unset: open.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (JSON list). Empty: CORS off.")
     default_profile: str = Field("base", description="Profile used when a request names none (pin production traffic here).")
     max_queue: int = Field(256, ge=1, description="Pending requests before 429 with Retry-After.")
-    max_batch_size: int = Field(16, ge=1, le=512, description="Requests of one profile run together in one batch.")
-    mixed_batches: bool = Field(True, description=(
-        "Let generate requests of several profiles share one batch (each row still uses only its own profile's "
-        "weights, through per-row overrides of the matrices that differ). Off: one profile per batch."))
+    max_running: int = Field(16, ge=1, le=1024, description=(
+        "Rows in the continuous batch at once (generating, scoring or prefilling; any mix of profiles). "
+        "Requests beyond it wait and join as rows finish."))
+    max_batch_tokens: int = Field(2048, ge=2, le=1 << 20, description=(
+        "Tokens computed per engine step: one per decoding row, the rest on prompt chunks. Must exceed "
+        "max_running."))
+    prefill_chunk: int = Field(512, ge=1, le=1 << 20, description=(
+        "Longest slice of one prompt computed in one step: a long prompt delays running rows by one chunk "
+        "per step at most."))
+    profile_cache_bytes: int = Field(1 << 30, ge=0, description=(
+        "Bytes of compiled profiles (per-row factors) kept; least recently served ones beyond it are dropped "
+        "and recompiled from the SVD cache when needed."))
     max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt accepted, in tokens.")
     max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens / max_tokens accepted.")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted.")
@@ -44,6 +59,9 @@ class Settings(BaseSettings):
         "Run sweep steps on a pool of Ray actors at this address ('local' starts a local cluster); unset: in-process."))
     ray_actors: int = Field(2, ge=1, le=1024, description="Ray actors per sweep job (each loads the model).")
     ray_threads_per_actor: int = Field(1, ge=1, le=256, description="Torch threads (and Ray CPUs) per actor.")
+    job_lease_s: float = Field(30.0, ge=0.5, le=3600, description=(
+        "Seconds a sweep job's owner may go without a heartbeat (renewed every job_lease_s/3) before another "
+        "replica takes the job over and resumes it."))
     arch_spec: Path | None = Field(None, description="JSON file registering an extra architecture (see README).")
     log_level: str = Field("info", description="debug, info, warning, error.")
 
@@ -53,6 +71,23 @@ class Settings(BaseSettings):
         v = v.lower()
         if v not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError("log_level must be one of debug, info, warning, error, critical")
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> Settings:
+        if self.max_batch_tokens <= self.max_running:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must exceed max_running "
+                             f"({self.max_running}): a full decode step must leave room for a prompt chunk")
+        return self
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None
+        if not v.get_secret_value().startswith(("postgresql://", "postgres://")):  # never echo it: secrets
+            raise ValueError("database_url must be a postgresql:// URL; unset it for the embedded SQLite "
+                             "database under data_dir")
         return v
 
     @property

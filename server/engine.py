@@ -1,18 +1,31 @@
-"""One owner thread runs the model: it applies profiles and executes batches, nothing else does.
+"""The serving engine: one owner thread runs the model, and every request joins one continuous batch.
 
-Requests are queued per profile ("lanes"). The owner picks the lane whose oldest request has
-waited longest (FIFO across profiles: no lane starves), takes every queued request of that lane
-with the same operation (up to ``max_batch_size``), makes the model hold that profile (a swap only
-when it differs), runs the batch, and hands results back to the event loop. With
-``mixed_batches``, generate requests of other profiles join the batch too: their rows get their
-own weights through per-row overrides (:mod:`laser_ops.mixed`). Either way a request is only
-ever computed with its own profile's weights, and swaps happen between batches.
+::
 
-Sweep jobs submit *background* ``task`` items (one config per item). Background work yields to
-inference: it runs only when no inference is queued and none finished in the last
-``background_grace_s`` (a closed-loop client's next request arrives within that), unless it has
-waited ``background_max_wait_s`` (so a sweep still progresses under constant load). The queue is
-bounded: :class:`EngineOverloaded` maps to HTTP 429.
+    event loop (routes)                            owner thread ("laser-engine")
+    ──────────────────────────────────             ──────────────────────────────────────────────────
+    resolve profile → stamp (name, hash)
+    generate / score / task ──submit──► inbox ─► start job: add its rows to the batch
+                                                  │  profile not compiled? ──► compile worker (SVD off
+                                                  │                            this thread) ──► RowRouter
+                                                  ▼
+                                     ┌─► BatchEngine.step(): retire · admit oldest · prompt chunk ·
+                                     │     decode all rows (each row routed to its profile's factors)
+                                     │   publish metrics & state ─► resolve futures / stream deltas
+                                     └── between steps: one foreground task, or one background chunk
+                                         (sweeps) when inference is idle or has starved it too long
+
+Requests never wait for each other: at every step the scheduler admits queued rows (up to
+``max_running``), computes prompts in chunks (``prefill_chunk``, within ``max_batch_tokens``) and
+retires finished or cancelled rows (:mod:`laser_ops.batching.scheduler`). Profiles never swap weights
+while serving: rows of a profile get its edits as cached factors applied per row
+(:mod:`laser_ops.batching.row_edits`), so any mix of profiles shares one batch and the base weights stay
+live (``swapper.bytes_written`` does not move). Swaps are for tasks (sweeps, dry runs), which run
+between steps and must leave the base weights live (the engine restores them if a task did not).
+
+Every answer carries a :class:`ProfileStamp`: the profile name and a hash of the interventions that
+computed it, resolved when the request was submitted (a profile updated meanwhile does not change it).
+State a caller may read (metrics, ``active_profile``, counters) is updated before any future resolves.
 """
 
 from __future__ import annotations
@@ -21,15 +34,26 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
+from laser_ops.batching.engine import BatchEngine, Generation, ScoringRows
+from laser_ops.batching.row_edits import CompiledProfile, RowRouter, compile_profile
+from laser_ops.batching.scheduler import SchedulerConfig
+from laser_ops.batching.sequence import SeqStatus
 from laser_ops.interventions import InterventionSpec
-from laser_ops.mixed import RowOverrides
-from laser_ops.scoring import GenerationRequest, GenerationResult, Scorer
-from laser_ops.swap import WeightSwapper
+from laser_ops.scoring import (
+    GenerationRequest,
+    GenerationResult,
+    HFScorer,
+    LoglikelihoodResult,
+    PromptLogprobs,
+    RollingResult,
+)
+from laser_ops.swap import WeightSwapper, profile_signature
 
 from server.metrics import Metrics
 
@@ -37,8 +61,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Op = Literal["generate", "loglikelihood", "prompt_logprobs", "rolling", "task"]
-_BATCHED: frozenset[str] = frozenset({"generate", "loglikelihood"})
-_BACKGROUND = "\x00background"  # lane of background tasks (never a valid profile name)
 
 
 class EngineOverloaded(RuntimeError):
@@ -59,17 +81,53 @@ class RequestCancelled(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class ProfileStamp:
+    """Which weights made an answer: the profile's name and a short hash of its interventions."""
+
+    name: str
+    hash: str
+
+    @property
+    def header(self) -> str:
+        """The ``X-Laser-Profile`` header value."""
+        return f"{self.name}; hash={self.hash}"
+
+
+@dataclass(frozen=True)
+class ResolvedProfile:
+    """A profile as a request will be served: its stamp, its interventions and its routing tag."""
+
+    stamp: ProfileStamp
+    specs: tuple[InterventionSpec, ...]
+    tag: Hashable  # None: the base model (no edits)
+
+
+@dataclass(frozen=True)
+class Served(Generic[T]):
+    """A result and the profile stamp of the weights that computed it."""
+
+    value: T
+    profile: ProfileStamp
+
+
 @dataclass(eq=False)
-class _Item:
-    profile: str | None  # None: a task that manages the model state itself
+class _Job:
+    """One submission: a request's rows, or a task; resolved on the event loop that submitted it."""
+
     op: Op
+    profile: ResolvedProfile | None  # None: a task without a profile
     payload: Any
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
-    size: int = 1
     background: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # owner-thread state
+    items: list[Generation | ScoringRows] = field(default_factory=list)
+    admitted: float | None = None
+    assemble: Callable[[], Any] | None = None
+    chunks: Generator[Any, None, Any] | None = None  # a chunked task in progress
 
     def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
         def _set() -> None:
@@ -85,9 +143,18 @@ class _Item:
         except RuntimeError:  # the loop is closed: nobody awaits this future, and the owner thread must live on
             logger.debug("result for a closed event loop dropped")
 
+    @property
+    def done(self) -> bool:
+        return bool(self.items) and all(item.done for item in self.items)
 
-#: What one item's work produced: its result, or the error to raise in its caller.
-_Outcome = tuple[_Item, Any, BaseException | None]
+    @property
+    def tag(self) -> Hashable:
+        return self.profile.tag if self.profile is not None else None
+
+    @property
+    def label(self) -> str:
+        """The metrics label."""
+        return self.profile.stamp.name if self.profile is not None else "task"
 
 
 class Engine:
@@ -96,44 +163,53 @@ class Engine:
     def __init__(
         self,
         swapper: WeightSwapper,
-        scorer: Scorer,
+        scorer: HFScorer,
         resolve_profile: Callable[[str], Sequence[InterventionSpec]],
         metrics: Metrics,
         *,
         max_queue: int = 256,
-        max_batch_size: int = 16,
-        batch_wait_s: float = 0.02,
+        max_running: int = 16,
+        max_batch_tokens: int = 2048,
+        prefill_chunk: int = 512,
+        profile_cache_bytes: int = 1 << 30,
         background_grace_s: float = 0.05,
         background_max_wait_s: float = 10.0,
-        mixed_batches: bool = True,
     ) -> None:
         self.swapper = swapper
         self.scorer = scorer
         self.resolve_profile = resolve_profile
         self.metrics = metrics
         self.max_queue = max_queue
-        self.max_batch_size = max_batch_size
-        #: Longest a batch waits for more requests of its lane, while fewer are queued than recent batches had
-        #: (closed-loop clients resubmit a few ms after their batch ends; without the wait, batches fragment).
-        self.batch_wait_s = batch_wait_s
         self.background_grace_s = background_grace_s
-        #: Generate requests of several profiles share one batch (see laser_ops.mixed); else one profile per batch.
-        self.mixed_batches = mixed_batches
-        self.mixed_batches_run = 0
         self.background_max_wait_s = background_max_wait_s
-        self._last_foreground_end = 0.0
-        #: Requests still arriving less than this apart (a burst) are gathered into one batch.
-        self.batch_quiet_s = min(0.004, batch_wait_s)
-        self._last_batch_size = 1
-        self.active_profile: str | None = "base"
-        self._lanes: dict[str | None, deque[_Item]] = {}
-        self._pending = 0
+        self.profile_cache_bytes = profile_cache_bytes
+        self.router = RowRouter(swapper.model)
+        self.batch = scorer.batch_engine(
+            SchedulerConfig(max_running=max_running, max_batch_tokens=max_batch_tokens,
+                            prefill_chunk=min(prefill_chunk, max_batch_tokens - max_running)),
+            self.router)
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="laser-compile")
+        self._compiling: dict[Hashable, Future[CompiledProfile]] = {}
+        self._compiled: deque[tuple[Hashable, Future[CompiledProfile]]] = deque()
+        self._profile_used: OrderedDict[Hashable, None] = OrderedDict()  # LRU of served profiles
+        self._inbox: deque[_Job] = deque()
+        self._tasks: deque[_Job] = deque()  # foreground tasks, FIFO
+        self._background: deque[_Job] = deque()
+        self._running: list[_Job] = []  # jobs with rows in the batch
+        self._queued = 0  # jobs submitted and not yet admitted (the queue bound counts these)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._batch_seconds = 0.5  # moving estimate, for Retry-After
-        self._generate_seconds = 0.0  # moving estimate of a generate batch, for the batching wait
-        self.batches_run = 0
+        self._last_foreground = 0.0
+        self._background_due = 0.0  # when the head background job was last served (starvation bound)
+        self._job_seconds = 0.5  # moving estimate of a request's time in the engine, for Retry-After
+        self._stalled = False  # the last step could run nothing (rows wait for a profile being compiled)
+        self._bytes_written_seen = swapper.bytes_written
+        #: Steps run, and steps whose rows belonged to more than one profile.
+        self.steps_run = 0
+        self.mixed_steps = 0
+        self.submitted = 0  # jobs ever submitted (requests and tasks)
+        self.max_rows_in_step = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -145,77 +221,108 @@ class Engine:
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
             self._stopping = True
-            pending = [item for lane in self._lanes.values() for item in lane]
-            self._lanes.clear()
-            self._pending = 0
             self._cond.notify_all()
-        for item in pending:
-            item.resolve(error=EngineStopped("server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._compiler.shutdown(wait=False, cancel_futures=True)
+        with self._cond:
+            jobs = [*self._inbox, *self._tasks, *self._background, *self._running]
+            self._inbox.clear()
+            self._tasks.clear()
+            self._background.clear()
+            self._running.clear()
+        for job in jobs:
+            job.resolve(error=EngineStopped("server is shutting down"))
 
     @property
     def queue_depth(self) -> int:
-        return self._pending
+        """Requests submitted and not yet running."""
+        return self._queued
+
+    @property
+    def running_rows(self) -> int:
+        return self.batch.scheduler.running
+
+    @property
+    def active_profile(self) -> str | None:
+        """Whose weights are in the model's parameters: always the base while serving."""
+        return "base" if self.swapper.is_base else None
 
     # -- submission (event loop side) ------------------------------------------------------------
 
-    async def submit(
-        self,
-        profile: str | None,
-        op: Op,
-        payload: Any,
-        *,
-        size: int = 1,
-        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
-        cancelled: threading.Event | None = None,
-        background: bool = False,
-    ) -> Any:
+    def resolve(self, profile: str | ResolvedProfile) -> ResolvedProfile:
+        """The profile's current interventions and stamp; raises :class:`UnknownProfile`.
+
+        Requests are served with the interventions resolved here, at submission, so the stamp a
+        response carries (and a stream's header, known before the first token) is exact even if the
+        profile is updated while the request runs.
+        """
+        if isinstance(profile, ResolvedProfile):
+            return profile
+        try:
+            specs = tuple(self.resolve_profile(profile))
+        except KeyError:
+            raise UnknownProfile(profile) from None
+        signature = profile_signature(specs)
+        return ResolvedProfile(ProfileStamp(profile, signature[:12]), specs, signature if specs else None)
+
+    async def submit(self, profile: str | ResolvedProfile | None, op: Op, payload: Any, *,
+                     is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+                     cancelled: threading.Event | None = None, background: bool = False) -> Any:
         """Queue one request and wait for its result; a client that disconnects cancels it."""
         loop = asyncio.get_running_loop()
-        item = _Item(profile, op, payload, loop.create_future(), loop, size, background)
-        lane_key = _BACKGROUND if background else profile
+        resolved = self.resolve(profile) if profile is not None else None
+        job = _Job(op, resolved, payload, loop.create_future(), loop, background)
         if cancelled is not None:
-            item.cancelled = cancelled
+            job.cancelled = cancelled
         with self._cond:
             if self._stopping:
                 raise EngineStopped("server is shutting down")
-            if op != "task" and self._pending + size > self.max_queue:
-                self.metrics.rejected.labels(profile or "").inc()
+            if op != "task" and self._queued + 1 > self.max_queue:
+                self.metrics.rejected.labels(job.label).inc()
                 raise EngineOverloaded(self._retry_after())
-            self._lanes.setdefault(lane_key, deque()).append(item)
-            self._pending += size
-            self.metrics.queue_depth.set(self._pending)
+            if op != "task":
+                self._queued += 1
+                self.metrics.queue_depth.set(self._queued)
+            self._inbox.append(job)
+            self.submitted += 1
             self._cond.notify()
         try:
             if is_disconnected is None:
-                return await item.future
+                return await job.future
             while True:
-                done, _ = await asyncio.wait({item.future}, timeout=0.25)
+                done, _ = await asyncio.wait({job.future}, timeout=0.25)
                 if done:
-                    return item.future.result()
+                    return job.future.result()
                 if await is_disconnected():
-                    item.cancelled.set()
+                    self._cancel(job)
                     raise RequestCancelled("client disconnected")
         except asyncio.CancelledError:
-            item.cancelled.set()
+            self._cancel(job)
             raise
+
+    def _cancel(self, job: _Job) -> None:
+        job.cancelled.set()
+        with self._cond:
+            self._cond.notify()
 
     def check_capacity(self, size: int = 1) -> None:
         """Raise :class:`EngineOverloaded` if ``size`` more queued requests would not fit right now."""
-        if self._pending + size > self.max_queue:
+        if self._queued + size > self.max_queue:
             raise EngineOverloaded(self._retry_after())
 
     def _retry_after(self) -> float:
-        batches_ahead = max(1, self._pending // self.max_batch_size)
-        return max(1.0, round(batches_ahead * self._batch_seconds))
+        per_slot = max(1, self.batch.config.max_running)
+        return max(1.0, round((self._queued / per_slot + 1) * self._job_seconds))
 
-    async def generate(self, profile: str, requests: list[GenerationRequest], **kw: Any) -> list[GenerationResult]:
-        return await self.submit(profile, "generate", requests, size=len(requests), **kw)
+    async def generate(self, profile: str | ResolvedProfile, requests: list[GenerationRequest],
+                       **kw: Any) -> Served[list[GenerationResult]]:
+        return await self.submit(profile, "generate", requests, **kw)
 
-    async def generate_stream(self, profile: str, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
-        """Yield text deltas as they are decoded, then the final :class:`GenerationResult`.
+    async def generate_stream(self, profile: str | ResolvedProfile, request: GenerationRequest
+                              ) -> AsyncIterator[str | GenerationResult]:
+        """Yield text deltas as they are decoded, then the final result (its stamp: ``resolve(profile)``).
 
         Closing the iterator early (client gone) cancels the request on the engine.
         """
@@ -235,7 +342,7 @@ class Engine:
                 getter.cancel()
                 while not queue.empty():
                     yield queue.get_nowait()
-                yield task.result()[0]
+                yield task.result().value[0]
                 return
         finally:
             if getter is not None and not getter.done():
@@ -244,301 +351,328 @@ class Engine:
                 cancelled.set()
                 task.cancel()
 
-    async def loglikelihood(self, profile: str, pairs: list[tuple[list[int], list[int]]], **kw: Any) -> list[Any]:
-        return await self.submit(profile, "loglikelihood", pairs, size=max(1, len(pairs)), **kw)
+    async def loglikelihood(self, profile: str | ResolvedProfile, pairs: list[tuple[list[int], list[int]]],
+                            **kw: Any) -> Served[list[LoglikelihoodResult]]:
+        return await self.submit(profile, "loglikelihood", pairs, **kw)
 
-    async def prompt_logprobs(self, profile: str, token_ids: list[list[int]], top_n: int, **kw: Any) -> list[Any]:
-        return await self.submit(profile, "prompt_logprobs", (token_ids, top_n), size=max(1, len(token_ids)), **kw)
+    async def prompt_logprobs(self, profile: str | ResolvedProfile, token_ids: list[list[int]], top_n: int,
+                              **kw: Any) -> Served[list[PromptLogprobs]]:
+        return await self.submit(profile, "prompt_logprobs", (token_ids, top_n), **kw)
 
-    async def rolling(self, profile: str, texts: list[str], max_length: int | None = None,
-                      stride: int | None = None, **kw: Any) -> list[Any]:
-        return await self.submit(profile, "rolling", (texts, max_length, stride), size=max(1, len(texts)), **kw)
+    async def rolling(self, profile: str | ResolvedProfile, texts: list[str], max_length: int | None = None,
+                      stride: int | None = None, **kw: Any) -> Served[list[RollingResult]]:
+        return await self.submit(profile, "rolling", (texts, max_length, stride), **kw)
 
-    async def run_task(self, fn: Callable[[WeightSwapper, Scorer], T], *, profile: str | None = None,
+    async def run_task(self, fn: Callable[[WeightSwapper, HFScorer], T], *, profile: str | ResolvedProfile | None = None,
                        cancelled: threading.Event | None = None, background: bool = False) -> T:
-        """Run ``fn`` on the owner thread (between inference batches); with ``profile`` it runs on those weights.
+        """Run ``fn`` on the owner thread between steps; with ``profile`` its weights are applied around it.
 
-        ``background`` work (sweep steps) yields to inference; see the module docstring.
+        If ``fn`` returns a generator, the engine runs it one chunk (``next``) per turn, serving steps in
+        between, and the generator's return value is the result; each chunk must leave the base weights
+        live (apply edits with ``swapper.applied_profile`` inside the chunk). ``background`` work (sweep
+        steps) yields to inference; see the module docstring.
         """
         return await self.submit(profile, "task", fn, cancelled=cancelled, background=background)
 
     # -- owner thread ----------------------------------------------------------------------------
 
-    def _next_lane(self) -> str | None:
-        """Foreground lane whose head waited longest; the background lane only when it may run."""
-        foreground = [k for k in self._lanes if k != _BACKGROUND]
-        background = self._lanes.get(_BACKGROUND)
-        if background and (not foreground or
-                           time.perf_counter() - background[0].enqueued >= self.background_max_wait_s):
-            return _BACKGROUND
-        return min(foreground, key=lambda p: self._lanes[p][0].enqueued)
-
-    def _background_must_wait(self) -> float:
-        """Seconds a background task should still wait for inference that may be about to arrive."""
-        if _BACKGROUND not in self._lanes or self._next_lane() != _BACKGROUND:
-            return 0.0
-        if time.perf_counter() - self._lanes[_BACKGROUND][0].enqueued >= self.background_max_wait_s:
-            return 0.0
-        return max(0.0, self._last_foreground_end + self.background_grace_s - time.perf_counter())
-
-    def _take_batch(self) -> list[_Item]:
-        profile = self._next_lane()
-        head = self._lanes[profile][0]
-        if head.op == "generate" and self.mixed_batches and profile != _BACKGROUND:
-            lanes = [k for k in self._lanes if k != _BACKGROUND]  # every profile's generate requests
-        else:
-            lanes = [profile]
-        candidates = sorted((item for k in lanes for item in self._lanes[k]
-                             if item is head or (head.op in _BATCHED and item.op == head.op)),
-                            key=lambda i: (i is not head, i.enqueued))
-        batch, size = [], 0
-        for item in candidates:
-            if batch and size + item.size > self.max_batch_size:
-                break
-            batch.append(item)
-            size += item.size
-        taken = {id(i) for i in batch}
-        for k in lanes:
-            rest = deque(i for i in self._lanes[k] if id(i) not in taken)
-            if rest:
-                self._lanes[k] = rest
-            else:
-                del self._lanes[k]
-        self._pending -= sum(i.size for i in batch)
-        self.metrics.queue_depth.set(self._pending)
-        return batch
-
-    def _oldest_lane(self) -> deque[_Item]:
-        return self._lanes[self._next_lane()]
-
-    def _gather_batch(self) -> None:
-        """With the lock held: wait a little for a fuller batch.
-
-        The wait is bounded by ``batch_wait_s`` or a tenth of a recent batch's duration, whichever is
-        longer (capped at 0.25 s): waiting costs at most ~10% of throughput, while a batch cut in two
-        halves it on a launch-bound GPU.
-
-        It waits while fewer requests are queued than recent batches held, or while requests are still
-        arriving (a burst: gaps under ``batch_quiet_s``). A lone request waits ``batch_quiet_s`` at most.
-        """
-        wait = min(0.25, max(self.batch_wait_s, 0.1 * self._generate_seconds))
-        deadline = time.perf_counter() + wait
-        while not self._stopping and self._lanes:
-            lane = self._oldest_lane()
-            op = lane[0].op
-            if op not in _BATCHED:
-                return
-            pool = ([i for k, l in self._lanes.items() if k != _BACKGROUND for i in l]
-                    if op == "generate" and self.mixed_batches else lane)
-            queued = sum(i.size for i in pool if i.op == op)
-            now = time.perf_counter()
-            remaining = deadline - now
-            if queued >= self.max_batch_size or remaining <= 0:
-                return
-            if queued < self._last_batch_size:  # recent batches were bigger: more requests are on their way
-                self._cond.wait(remaining)
-                continue
-            quiet = now - max(i.enqueued for i in pool)
-            if quiet >= self.batch_quiet_s:  # nothing arrived lately: go with what is queued
-                return
-            self._cond.wait(min(remaining, self.batch_quiet_s - quiet))
-
     def _run_forever(self) -> None:
         while True:
             with self._cond:
-                while not self._lanes and not self._stopping:
-                    self._cond.wait()
+                while not self._stopping and not self._has_turn():
+                    self._cond.wait(self._background_wait())
                 if self._stopping:
                     return
-                wait = self._background_must_wait()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                self._gather_batch()
-                if self._stopping:
-                    return
-                batch = self._take_batch()
-                # Peak with slow decay: one fragmented batch must not lower the expectation for the next.
-                self._last_batch_size = max(sum(i.size for i in batch), int(self._last_batch_size * 0.9))
-            self._run_batch(batch)
+                inbox = list(self._inbox)
+                self._inbox.clear()
+                compiled = list(self._compiled)
+                self._compiled.clear()
+            try:
+                self._turn(inbox, compiled)
+            except BaseException:  # never let the owner thread die
+                logger.exception("engine turn failed")
 
-    def _activate(self, profile: str) -> None:
-        try:
-            specs = list(self.resolve_profile(profile))
-        except KeyError:
-            raise UnknownProfile(profile) from None
-        stats = self.swapper.apply(specs)
-        if stats.written:
-            self.metrics.swaps.labels(profile).inc()
-            self.metrics.swap_seconds.labels(profile).observe(stats.seconds)
-            self.metrics.edit_cache_bytes.set(self.swapper.cached_bytes)
-            self.metrics.svd_cache_bytes.set(self.swapper.svd_cache.nbytes)
-        if profile != self.active_profile:
-            self.metrics.set_active(profile, self.active_profile)
-            self.active_profile = profile
+    def _has_turn(self) -> bool:
+        return bool(self._inbox or self._compiled or self._tasks or (self.batch.has_work and not self._stalled)
+                    or any(j.cancelled.is_set() for j in self._running) or self._background_ready())
 
-    def _run_batch(self, batch: list[_Item]) -> None:
-        """Run one batch, publish the state it leaves, then hand results back.
+    def _background_ready(self) -> bool:
+        if not self._background:
+            return False
+        if time.perf_counter() >= self._background_due + self.background_max_wait_s:
+            return True  # inference has kept it waiting long enough
+        idle = not (self._inbox or self._tasks or self.batch.has_work)
+        return idle and time.perf_counter() >= self._last_foreground + self.background_grace_s
 
-        Order matters: a caller may read engine state (``active_profile``, metrics, counters) the moment
-        its future resolves, so every piece of state is updated before any future of the batch is.
-        """
-        try:
-            outcomes = self._execute(batch)
-        except BaseException as exc:  # never let the owner thread die
-            logger.exception("engine batch failed")
-            error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
-            outcomes = [(item, None, error) for item in batch]
-        if not batch[0].background:
-            self._last_foreground_end = time.perf_counter()
-        for item, value, error in outcomes:
-            item.resolve(value, error)
+    def _background_wait(self) -> float | None:
+        """Seconds until a waiting background job may run (None: nothing to wait for)."""
+        if not self._background:
+            return None
+        now = time.perf_counter()
+        return max(0.0, min(self._background_due + self.background_max_wait_s,
+                            self._last_foreground + self.background_grace_s) - now) + 1e-3
 
-    def _execute(self, batch: list[_Item]) -> list[_Outcome]:
-        """Compute every item's outcome and update engine state; resolves nothing."""
-        live: list[_Item] = []
-        outcomes: list[_Outcome] = []
-        for item in batch:
-            if item.cancelled.is_set():
-                outcomes.append((item, None, RequestCancelled("cancelled before it ran")))
+    def _turn(self, inbox: list[_Job], compiled: list[tuple[Hashable, Future[CompiledProfile]]]) -> None:
+        if inbox or compiled:
+            self._stalled = False
+        for tag, fut in compiled:
+            self._install(tag, fut)
+        for job in inbox:
+            self._start(job)
+        self._reap_cancelled()
+        starved = self._background and time.perf_counter() >= self._background_due + self.background_max_wait_s
+        if self._tasks and not (starved and self._background[0].enqueued <= self._tasks[0].enqueued):
+            if self._run_task(self._tasks[0]):  # a chunked task stays at the head until its last chunk
+                self._tasks.popleft()
+            self._last_foreground = time.perf_counter()
+        elif self._background_ready():
+            job = self._background[0]
+            self._background_due = time.perf_counter()
+            if self._run_task(job):
+                self._background.popleft()
+                self._background_due = time.perf_counter()
+        if self.batch.has_work:
+            self._step()
+            self._last_foreground = time.perf_counter()
+        self._settle()
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def _start(self, job: _Job) -> None:
+        if job.op == "task":
+            if job.background:
+                if not self._background:
+                    self._background_due = time.perf_counter()
+                self._background.append(job)
             else:
-                live.append(item)
-        if not live:
-            return outcomes
-        head = live[0]
-        label = head.profile or "task"
-        start = time.perf_counter()
+                self._tasks.append(job)
+            return
+        assert job.profile is not None
+        tag = job.tag
+        if tag is not None and tag not in self.router and tag not in self._compiling:
+            fut = self._compiler.submit(compile_profile, self.swapper, job.profile.specs, tag)
+            self._compiling[tag] = fut
+            fut.add_done_callback(lambda f, tag=tag: self._compile_done(tag, f))
         try:
-            if head.profile is not None:
-                self._activate(head.profile)
-        except Exception as exc:
-            # Only the head's profile failed: rows of other profiles (a mixed batch) run under their own.
-            rest = [item for item in live if item.profile != head.profile]
-            outcomes.extend((item, None, exc) for item in live if item.profile == head.profile)
-            if rest:
-                outcomes.extend(self._execute(rest))
-            return outcomes
-        for item in live:
-            self.metrics.queue_seconds.labels(item.profile or "task").observe(start - item.enqueued)
-        # A task may leave other weights live, with or without a profile of its own.
-        before = dict(self.swapper.applied) if head.op == "task" else None
-        run = getattr(self, f"_op_{head.op}")
-        outcomes.extend(run(live, label))
-        if before is not None and self.swapper.applied != before:
-            # The task left other weights live: no named profile holds until the next batch re-applies one.
-            self.metrics.set_active(None, self.active_profile)
-            self.active_profile = None
-        elapsed = time.perf_counter() - start
-        self.batches_run += 1
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-        if head.op == "generate":
-            self._generate_seconds = 0.8 * self._generate_seconds + 0.2 * elapsed
-        self.metrics.inference_seconds.labels(label, head.op).observe(elapsed)
-        self.metrics.batch_size.labels(label, head.op).observe(len(live))
-        return outcomes
+            self._add_rows(job)
+        except Exception as exc:  # a request the model cannot run (validated upstream; defensive)
+            self._fail(job, exc)
+            return
+        self._running.append(job)
 
-    def _op_generate(self, items: list[_Item], profile: str) -> list[_Outcome]:
-        """Generate for a batch whose rows may belong to several profiles.
+    def _add_rows(self, job: _Job) -> None:
+        batch, scorer, tag = self.batch, self.scorer, job.tag
+        if job.op == "generate":
+            for req in job.payload:
+                req = self._instrument(req, job)
+                job.items.append(batch.add_generation(req, scorer.prompt_ids(req), tag=tag))
+            job.assemble = lambda: [g.result for g in job.items]  # type: ignore[union-attr]
+        elif job.op == "loglikelihood":
+            windows, contexts, where = scorer.loglikelihood_windows(job.payload)
+            rows = batch.add_scoring(windows, contexts=contexts, tag=tag)
+            job.items.append(rows)
+            job.assemble = lambda: scorer.loglikelihood_results(where, rows.rows)
+        elif job.op == "prompt_logprobs":
+            token_ids, top_n = job.payload
+            windows, spans = scorer.prompt_windows(token_ids)
+            rows = batch.add_scoring(windows, top_n=top_n, tag=tag)
+            job.items.append(rows)
+            job.assemble = lambda: scorer.assemble_prompt_logprobs(token_ids, spans, rows.rows, top_n)
+        elif job.op == "rolling":
+            texts, max_length, stride = job.payload
+            pairs, counts = scorer.rolling_pairs(texts, max_length, stride)
+            windows, contexts, where = scorer.loglikelihood_windows(pairs)
+            rows = batch.add_scoring(windows, contexts=contexts, tag=tag)
+            job.items.append(rows)
+            job.assemble = lambda: scorer.rolling_results(scorer.loglikelihood_results(where, rows.rows), counts)
+        else:
+            raise ValueError(f"unknown op {job.op!r}")
 
-        The batch's first profile is live (applied by ``_run_batch``); rows of any other profile get
-        that profile's weights through per-row overrides of the few modules where it differs.
-        """
-        overrides: dict[str, dict[str, Any]] = {}
-        outcomes: list[_Outcome] = []
-        runnable: list[_Item] = []
-        for item in items:
-            other = item.profile
-            if other is not None and other != profile and other not in overrides:
-                try:
-                    overrides[other] = self.swapper.overrides_for(list(self.resolve_profile(other)))
-                except KeyError:
-                    outcomes.append((item, None, UnknownProfile(other)))
-                    continue
-                except Exception as exc:
-                    outcomes.append((item, None, exc))
-                    continue
-            if other is None or other == profile or other in overrides:
-                runnable.append(item)
-        items = runnable
-        if not items:
-            return outcomes
-        flat: list[GenerationRequest] = []
-        owners: list[int] = []
-        for idx, item in enumerate(items):
-            for req in item.payload:
-                flat.append(replace(self._instrument(req, item, item.profile or profile), tag=item.profile))
-                owners.append(idx)
-        rows = RowOverrides(self.swapper.model, {p: o for p, o in overrides.items() if o})
-        try:
-            with rows.installed():
-                results = self.scorer.generate(
-                    flat, before_forward=None if rows.empty else lambda reqs: rows.set_rows([r.tag for r in reqs]))
-        except Exception as exc:
-            return outcomes + [(item, None, exc) for item in items]
-        if len({i.profile for i in items}) > 1:
-            self.mixed_batches_run += 1
-        per_item: list[list[GenerationResult]] = [[] for _ in items]
-        for owner, res in zip(owners, results, strict=True):
-            per_item[owner].append(res)
-            label = items[owner].profile or profile
-            self.metrics.prompt_tokens.labels(label).inc(res.n_prompt_tokens)
-            self.metrics.generated_tokens.labels(label).inc(len(res.token_ids))
-        return outcomes + [(item, res, None) for item, res in zip(items, per_item, strict=True)]
+    def _instrument(self, req: GenerationRequest, job: _Job) -> GenerationRequest:
+        """Hook the job's cancellation and time-to-first-token into one of its requests."""
+        user_cancel, user_first = req.is_cancelled, req.on_first_token
+        profile = job.label
 
-    def _instrument(self, req: GenerationRequest, item: _Item, profile: str) -> GenerationRequest:
-        """Hook cancellation and time-to-first-token into the request.
-
-        TTFT uses ``on_first_token``, not a text callback: without a text callback the scorer decodes
-        text once at the end instead of every step (which matters on a GPU, where a step is fast).
-        """
-        user_cancel = req.is_cancelled
-        cancel = (lambda: item.cancelled.is_set() or bool(user_cancel())) if user_cancel else item.cancelled.is_set
-        user_first = req.on_first_token
+        def cancelled() -> bool:
+            return job.cancelled.is_set() or (user_cancel is not None and bool(user_cancel()))
 
         def on_first_token() -> None:
-            self.metrics.ttft_seconds.labels(profile).observe(time.perf_counter() - item.enqueued)
+            self.metrics.ttft_seconds.labels(profile).observe(time.perf_counter() - job.enqueued)
             if user_first is not None:
                 user_first()
 
-        return replace(req, on_first_token=on_first_token, is_cancelled=cancel)
+        return replace(req, is_cancelled=cancelled, on_first_token=on_first_token)
 
-    def _op_loglikelihood(self, items: list[_Item], profile: str) -> list[_Outcome]:
-        flat = [pair for item in items for pair in item.payload]
+    def _fail(self, job: _Job, error: BaseException) -> None:
+        self._dequeue(job)
+        for item in job.items:
+            self.batch.abort(item)
+        job.resolve(error=error)
+
+    def _dequeue(self, job: _Job) -> None:
+        if job.admitted is None and job.op != "task":
+            job.admitted = time.perf_counter()
+            self._queued -= 1
+            self.metrics.queue_depth.set(self._queued)
+
+    def _reap_cancelled(self) -> None:
+        for job in [j for j in self._running if j.cancelled.is_set()]:
+            self._stalled = False
+            self._running.remove(job)
+            self._fail(job, RequestCancelled("cancelled"))
+        for queue in (self._tasks, self._background):
+            for job in [j for j in queue if j.cancelled.is_set()]:
+                queue.remove(job)
+                if job.chunks is not None:
+                    job.chunks.close()
+                job.resolve(error=RequestCancelled("cancelled before it finished"))
+
+    # -- profiles ---------------------------------------------------------------------------------
+
+    def _compile_done(self, tag: Hashable, fut: Future[CompiledProfile]) -> None:  # worker thread
+        with self._cond:
+            self._compiled.append((tag, fut))
+            self._cond.notify()
+
+    def _install(self, tag: Hashable, fut: Future[CompiledProfile]) -> None:
+        self._compiling.pop(tag, None)
         try:
-            results = self.scorer.loglikelihood_tokens(flat)
+            compiled = fut.result()
         except Exception as exc:
-            return [(item, None, exc) for item in items]
-        self.metrics.prompt_tokens.labels(profile).inc(sum(len(c) + len(x) for c, x in flat))
-        outcomes: list[_Outcome] = []
-        pos = 0
-        for item in items:
-            n = len(item.payload)
-            outcomes.append((item, results[pos:pos + n], None))
-            pos += n
-        return outcomes
+            for job in [j for j in self._running if j.tag == tag]:
+                self._running.remove(job)
+                self._fail(job, exc)
+            return
+        self.router.add(tag, compiled)
+        self._profile_used[tag] = None
+        self._evict_profiles()
+        self.metrics.profile_factor_bytes.set(self.router.nbytes)
 
-    def _each(self, items: list[_Item], fn: Callable[[Any], Any]) -> list[_Outcome]:
-        outcomes: list[_Outcome] = []
-        for item in items:
-            if item.cancelled.is_set():
-                outcomes.append((item, None, RequestCancelled("cancelled")))
-                continue
-            try:
-                outcomes.append((item, fn(item.payload), None))
-            except Exception as exc:
-                outcomes.append((item, None, exc))
-        return outcomes
+    def _evict_profiles(self) -> None:
+        """Drop the least recently served compiled profiles over ``profile_cache_bytes`` (never one in use)."""
+        in_use = {j.tag for j in self._running}
+        for tag in list(self._profile_used):
+            if self.router.nbytes <= self.profile_cache_bytes:
+                break
+            if tag not in in_use:
+                self.router.remove(tag)
+                del self._profile_used[tag]
 
-    def _op_prompt_logprobs(self, items: list[_Item], profile: str) -> list[_Outcome]:
-        def run(payload: tuple[list[list[int]], int]) -> list[Any]:
-            ids, top_n = payload
-            self.metrics.prompt_tokens.labels(profile).inc(sum(len(x) for x in ids))
-            return self.scorer.prompt_logprobs(ids, top_n)
+    def _is_ready(self, tag: Hashable) -> bool:
+        return tag is None or tag in self.router
 
-        return self._each(items, run)
+    # -- steps ------------------------------------------------------------------------------------
 
-    def _op_rolling(self, items: list[_Item], profile: str) -> list[_Outcome]:
-        return self._each(items, lambda p: self.scorer.loglikelihood_rolling(p[0], max_length=p[1], stride=p[2]))
+    def _step(self) -> None:
+        if not self.swapper.is_base:  # a task left edits live; serving computes on base weights + factors
+            logger.error("weights were left edited by a task; restoring the base before serving")
+            self.swapper.revert()
+        report = self.batch.step(self._is_ready, on_plan=lambda _: self._note_admissions())
+        plan = report.plan
+        rows = len(plan.decode) + len(plan.prefill)
+        if rows:
+            self.steps_run += 1
+            self.max_rows_in_step = max(self.max_rows_in_step, rows)
+            if len({r.tag for r in plan.decode} | {r.tag for r, _ in plan.prefill}) > 1:
+                self.mixed_steps += 1
+            for op, n in (("decode", len(plan.decode)), ("prefill", len(plan.prefill))):
+                if n:
+                    self.metrics.batch_size.labels("all", op).observe(n)
+        self._stalled = plan.empty
+        self._publish_gauges()
 
-    def _op_task(self, items: list[_Item], profile: str) -> list[_Outcome]:
-        return self._each(items, lambda fn: fn(self.swapper, self.scorer))
+    def _note_admissions(self) -> None:
+        """Jobs with a row in the batch have left the queue (before the step runs: the bound is exact)."""
+        now = time.perf_counter()
+        for job in self._running:
+            if job.admitted is None and any(_admitted(item) for item in job.items):
+                self._dequeue(job)
+                self.metrics.queue_seconds.labels(job.label).observe(now - job.enqueued)
+
+    def _settle(self) -> None:
+        """Finish done jobs: publish their metrics and state, then resolve them."""
+        self._note_admissions()
+        now = time.perf_counter()
+        finished: list[tuple[_Job, Any]] = []
+        for job in [j for j in self._running if j.done]:
+            self._running.remove(job)
+            self._dequeue(job)
+            if job.tag is not None:
+                self._profile_used.pop(job.tag, None)
+                self._profile_used[job.tag] = None
+            value = job.assemble() if job.assemble is not None else None
+            self._account(job, value, now)
+            finished.append((job, value))
+        # Everything a caller may read is published: now hand the results back.
+        for job, value in finished:
+            assert job.profile is not None
+            job.resolve(Served(value, job.profile.stamp))
+
+    def _account(self, job: _Job, value: Any, now: float) -> None:
+        profile = job.label
+        elapsed = now - (job.admitted or job.enqueued)
+        self._job_seconds = 0.9 * self._job_seconds + 0.1 * (now - job.enqueued)
+        self.metrics.inference_seconds.labels(profile, job.op).observe(elapsed)
+        if job.op == "generate":
+            for result in value:
+                self.metrics.prompt_tokens.labels(profile).inc(result.n_prompt_tokens)
+                self.metrics.generated_tokens.labels(profile).inc(len(result.token_ids))
+        else:
+            scored = sum(len(r.inputs) for item in job.items if isinstance(item, ScoringRows) for r in item.rows)
+            self.metrics.prompt_tokens.labels(profile).inc(scored)
+
+    # -- tasks ------------------------------------------------------------------------------------
+
+    def _run_task(self, job: _Job) -> bool:
+        """Run a task, or one chunk of a chunked one; True when it is finished (and resolved)."""
+        if job.cancelled.is_set():
+            if job.chunks is not None:
+                job.chunks.close()
+            job.resolve(error=RequestCancelled("cancelled before it ran"))
+            return True
+        start = time.perf_counter()
+        try:
+            if job.chunks is None:
+                if job.profile is not None:
+                    with self.swapper.applied_profile(list(job.profile.specs)):
+                        value = job.payload(self.swapper, self.scorer)
+                else:
+                    value = job.payload(self.swapper, self.scorer)
+                if not isinstance(value, Generator):
+                    self._after_task(job, start)
+                    job.resolve(value)
+                    return True
+                job.chunks = value
+            next(job.chunks)
+            self._after_task(job, start)
+            return False
+        except StopIteration as stop:
+            self._after_task(job, start)
+            job.resolve(stop.value)
+            return True
+        except Exception as exc:
+            self._after_task(job, start)
+            job.resolve(error=exc)
+            return True
+
+    def _after_task(self, job: _Job, start: float) -> None:
+        if not self.swapper.is_base:
+            logger.error("a task left edited weights live; restoring the base")
+            self.swapper.revert()
+        self.metrics.inference_seconds.labels("task", "task").observe(time.perf_counter() - start)
+        self.metrics.edit_cache_bytes.set(self.swapper.cached_bytes)
+        self.metrics.svd_cache_bytes.set(self.swapper.svd_cache.nbytes)
+        self._publish_gauges()
+
+    def _publish_gauges(self) -> None:
+        self.metrics.running_rows.set(self.batch.scheduler.running)
+        self.metrics.kv_cache_bytes.set(self.batch.runner.cache.nbytes)
+        written = self.swapper.bytes_written
+        if written > self._bytes_written_seen:
+            self.metrics.weight_bytes_written.inc(written - self._bytes_written_seen)
+            self._bytes_written_seen = written
+
+
+def _admitted(item: Generation | ScoringRows) -> bool:
+    rows = [item.row] if isinstance(item, Generation) else item.rows
+    return item.done or any(r.status is not SeqStatus.WAITING for r in rows)

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from laser_ops.interventions import InterventionError
 from server.engine import EngineOverloaded, EngineStopped, RequestCancelled, UnknownProfile
+from server.store.database import StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStopped)
     async def _stopped(request: Request, exc: EngineStopped) -> JSONResponse:
         return JSONResponse(error_body(str(exc)), 503)
+
+    @app.exception_handler(StoreUnavailableError)
+    async def _store_unavailable(request: Request, exc: StoreUnavailableError) -> JSONResponse:
+        logger.warning("%s", exc)
+        return JSONResponse(error_body(str(exc)), 503, headers={"Retry-After": "1"})
 
     @app.exception_handler(RequestCancelled)
     async def _cancelled(request: Request, exc: RequestCancelled) -> JSONResponse:

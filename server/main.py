@@ -18,7 +18,7 @@ from laser_ops.loading import LoadedModel
 from server.config import Settings
 from server.errors import error_body, install_error_handlers
 from server.metrics import Metrics
-from server.routes import datasets, exports, inference, jobs, openai, profiles, system
+from server.routes import datasets, exports, inference, jobs, openai, profiles, spectra, system, ui
 from server.serving import datasets as datasets_serving
 from server.serving import jobs as jobs_serving
 from server.serving import profiles as profiles_serving
@@ -26,8 +26,8 @@ from server.state import build_services
 
 logger = logging.getLogger(__name__)
 
-ROUTERS = [system.router, profiles.router, inference.router, openai.router, datasets.router, jobs.router,
-           exports.router]
+ROUTERS = [system.router, profiles.router, spectra.router, inference.router, openai.router, datasets.router,
+           jobs.router, exports.router]
 
 
 def _include_feature_routers(app: FastAPI) -> None:
@@ -173,4 +173,5 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
                            allow_headers=["*"])
     install_error_handlers(app)
     _include_feature_routers(app)
+    ui.mount(app)
     return app

@@ -16,7 +16,7 @@ from laser_ops.targets import ArchSpec, FusedSlice, ModelDescription, ModelTarge
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
-from server.store import Database, ProfileStore
+from server.store import Database, ProfileStore, SqlProfileBackend, open_database
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class Services:
 
     def close(self) -> None:
         self.engine.stop()
+        self.db.close()
 
 
 def register_arch_spec_file(path: str) -> None:
@@ -53,26 +54,35 @@ def register_arch_spec_file(path: str) -> None:
 
 
 def build_services(settings: Settings, metrics: Metrics, loaded: LoadedModel | None = None) -> Services:
-    """Load the model (unless given), restore profiles, start the engine thread."""
+    """Open and migrate the database (first: an unreachable one fails fast), load the model (unless given),
+    restore profiles, start the engine."""
     if settings.arch_spec is not None:
         register_arch_spec_file(str(settings.arch_spec))
-    if loaded is None:
-        loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype,
-                            cache_dir=settings.cache_dir)
-    targets = ModelTargets.of(loaded.model)
-    svd_dir = settings.data_dir / "svd" if settings.svd_disk_cache_bytes > 0 else None
-    svd_cache = SvdCache(loaded.fingerprint, max_bytes=settings.svd_cache_bytes, disk_dir=svd_dir,
-                         max_disk_bytes=settings.svd_disk_cache_bytes, device=loaded.device)
-    # Factors and edited tensors live beside the model (on a GPU a cached switch is a device-to-device copy);
-    # the originals stay on CPU (WeightSwapper), so revert never depends on device memory.
-    swapper = WeightSwapper(loaded.model, svd_cache=svd_cache, max_cache_bytes=settings.edit_cache_bytes,
-                            targets=targets, cache_device=loaded.device)
-    scorer = HFScorer(loaded.model, loaded.tokenizer, batch_size=settings.max_batch_size)
-    db = Database(settings.db_path)
-    profiles = ProfileStore(db)
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    db = open_database(url, settings.db_path, pool_size=settings.database_pool_size)
+    try:
+        if loaded is None:
+            loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                                cache_dir=settings.cache_dir)
+        targets = ModelTargets.of(loaded.model)
+        svd_dir = settings.data_dir / "svd" if settings.svd_disk_cache_bytes > 0 else None
+        svd_cache = SvdCache(loaded.fingerprint, max_bytes=settings.svd_cache_bytes, disk_dir=svd_dir,
+                             max_disk_bytes=settings.svd_disk_cache_bytes, device=loaded.device)
+        # Factors and edited tensors live beside the model (on a GPU a cached switch is a device-to-device
+        # copy); the originals stay on CPU (WeightSwapper), so revert never depends on device memory.
+        swapper = WeightSwapper(loaded.model, svd_cache=svd_cache, max_cache_bytes=settings.edit_cache_bytes,
+                                targets=targets, cache_device=loaded.device)
+        scorer = HFScorer(loaded.model, loaded.tokenizer, batch_size=settings.max_running,
+                          max_batch_tokens=settings.max_batch_tokens)
+        profiles = ProfileStore(SqlProfileBackend(db))
+    except BaseException:
+        db.close()
+        raise
     engine = Engine(swapper, scorer, profiles.specs, metrics, max_queue=settings.max_queue,
-                    max_batch_size=settings.max_batch_size, mixed_batches=settings.mixed_batches)
+                    max_running=settings.max_running, max_batch_tokens=settings.max_batch_tokens,
+                    prefill_chunk=settings.prefill_chunk, profile_cache_bytes=settings.profile_cache_bytes)
     engine.start()
     metrics.set_active("base", None)
-    logger.info("ready: %s with %d stored profiles", loaded.model_id, len(profiles.list()))
+    logger.info("ready: %s (fingerprint %s) with %d stored profiles in %s", loaded.model_id,
+                loaded.fingerprint[:16], len(profiles.list()), db.describe())
     return Services(settings, loaded, targets.describe(), swapper, scorer, engine, db, profiles, metrics)

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from laser_ops.scoring import GenerationRequest
 from server.protocol.profiles import ProfileName
 
+#: Response header naming the weights that computed an answer: "<profile>; hash=<interventions hash>".
+PROFILE_HEADER = "X-Laser-Profile"
 MAX_PROMPTS = 64
 MAX_CONTINUATIONS = 64
 MAX_STOP = 8
@@ -103,6 +105,9 @@ class GenerateResponse(BaseModel):
     """Answer of ``POST /v1/generate`` (non-streaming)."""
 
     profile: str = Field(..., description="Profile that served the request.")
+    profile_hash: str = Field(..., description="Short hash of the interventions that computed this answer (the "
+                                                "profile as it was when the request started; also in the "
+                                                "X-Laser-Profile header).")
     choices: list[GenerateChoice] = Field(..., description="One per prompt, in request order.")
     usage: GenerateUsage = Field(..., description="Token counts over all prompts.")
 
@@ -111,7 +116,11 @@ class GenerateStreamEvent(BaseModel):
     """One ``data:`` event of a streamed generate; the last one before ``data: [DONE]`` has finish_reason and usage."""
 
     profile: str = Field(..., description="Profile that serves the request.")
-    text: str = Field("", description="Text delta (concatenated, the deltas are the final text).")
+    profile_hash: str = Field(..., description="Short hash of the interventions that computed this answer (the "
+                                                "profile as it was when the request started; also in the "
+                                                "X-Laser-Profile header).")
+    text: str = Field("", description="Text delta (concatenated, the deltas are the final text). The first "
+                                      "event has none: it names the weights before any token.")
     finish_reason: FinishReason | None = Field(None, description="Set on the final event only.")
     usage: GenerateUsage | None = Field(None, description="Set on the final event only.")
 
@@ -173,6 +182,9 @@ class ScoreResponse(BaseModel):
     """Answer of ``POST /v1/score``: ``continuations`` + ``argmax``, or ``perplexity``."""
 
     profile: str = Field(..., description="Profile that scored.")
+    profile_hash: str = Field(..., description="Short hash of the interventions that computed this answer (the "
+                                                "profile as it was when the request started; also in the "
+                                                "X-Laser-Profile header).")
     continuations: list[ContinuationScore] | None = Field(None, description="Per candidate, in request order.")
     argmax: int | None = Field(None, description="Index of the most likely candidate (ties: lowest index).")
     perplexity: PerplexityScore | None = Field(None, description="Set when a text was scored.")

@@ -142,12 +142,22 @@ class JobSummary(BaseModel):
     started_at: float | None = Field(None, description="Unix time it first started.")
     finished_at: float | None = Field(None, description="Unix time it ended.")
     error: str | None = Field(None, description="Why it failed.")
+    owner: str | None = Field(None, description=(
+        "The server (host:pid:nonce) holding the job's lease while it runs (the last one once it ended); "
+        "null while queued or after its owner shut down and gave it back."))
+    heartbeat_at: float | None = Field(None, description=(
+        "Unix time (database clock) of the owner's last heartbeat; another server takes a running job over "
+        "once this is older than job_lease_s."))
 
 
 class JobPublic(JobSummary):
     """A sweep job: state, progress, the per-config table and, when finished, the test report."""
 
     config: dict[str, Any] = Field(..., description="The sweep config as submitted.")
+    model_id: str | None = Field(None, description="The model the job was submitted for.")
+    model_fingerprint: str | None = Field(None, description=(
+        "Exact fingerprint of that model's weights: a server with other weights fails the job rather than "
+        "resume it."))
     progress: float | None = Field(None, description="done / total.")
     elapsed_s: float = Field(0.0, description="Seconds of running (all sessions).")
     eta_s: float | None = Field(None, description="Estimated seconds left while running.")

@@ -189,7 +189,9 @@ class CompletionResponse(BaseModel):
                                                              "(a stream chunk holds one; the usage chunk none).")
     usage: Usage | None = Field(None, description="Token counts; in a stream only on the last chunk, with "
                                                   "stream_options.include_usage.")
-    system_fingerprint: str | None = Field(None, description="Always null (kept for OpenAI compatibility).")
+    system_fingerprint: str | None = Field(None, description=(
+        "Hash of the interventions of the profile that computed the answer (also in the X-Laser-Profile "
+        "header): the same profile name with another hash means other weights."))
 
 
 # --------------------------------------------------------------------------------------------- chat
@@ -310,7 +312,9 @@ class ChatCompletionResponse(BaseModel):
     model: str = Field(..., description="The request's model, or the default profile when it named none.")
     choices: list[ChatChoice] = Field(..., description="n choices.")
     usage: Usage | None = Field(None, description="Token counts.")
-    system_fingerprint: str | None = Field(None, description="Always null (kept for OpenAI compatibility).")
+    system_fingerprint: str | None = Field(None, description=(
+        "Hash of the interventions of the profile that computed the answer (also in the X-Laser-Profile "
+        "header): the same profile name with another hash means other weights."))
 
 
 class ChatDelta(BaseModel):
@@ -338,6 +342,9 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatStreamChoice] = Field(..., description="One choice's update (none in the usage chunk).")
     usage: Usage | None = Field(None, description="Token counts, only on the last chunk with "
                                                   "stream_options.include_usage.")
+    system_fingerprint: str | None = Field(None, description=(
+        "Hash of the interventions of the profile that computes the answer (also in the X-Laser-Profile "
+        "header), on every chunk."))
 
 
 # --------------------------------------------------------------------------------------------- tokenizer

@@ -41,7 +41,7 @@ async def create_dataset(body: DatasetCreate, services: ServicesDep) -> DatasetP
 @router.get("", response_model=DatasetList, dependencies=[InferenceAuth])
 async def list_datasets(services: ServicesDep) -> DatasetList:
     """List built-in and uploaded datasets."""
-    return serving.list_datasets(services)
+    return await serving.list_datasets(services)
 
 
 @router.get("/{name}", response_model=DatasetPublic, dependencies=[InferenceAuth],
@@ -56,4 +56,4 @@ async def get_dataset(name: NamePath, services: ServicesDep) -> DatasetPublic:
                           409: {"description": "Built in, or used by an unfinished job."}, **_ERRORS})
 async def delete_dataset(name: NamePath, services: ServicesDep) -> DatasetDeleted:
     """Delete an uploaded dataset."""
-    return serving.delete_dataset(services, name, jobs_serving.manager(services).in_use)
+    return await serving.delete_dataset(services, name, jobs_serving.manager(services).in_use)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.deps import ServicesDep
 from server.protocol.inference import (
+    PROFILE_HEADER,
     CompareRequest,
     CompareResponse,
     GenerateRequest,
@@ -39,22 +40,27 @@ _STREAM = {"text/event-stream": {"schema": _EVENT_SCHEMA,
                    "'data: {GenerateStreamEvent}' per text delta (the last with finish_reason and usage), then "
                    "'data: [DONE]'; a failure mid-stream sends 'data: {StreamError}' before [DONE].",
     "content": _STREAM}, **_ERRORS})
-async def generate(body: GenerateRequest, request: Request, services: ServicesDep) -> GenerateResponse | StreamingResponse:
+async def generate(body: GenerateRequest, request: Request, response: Response,
+                   services: ServicesDep) -> GenerateResponse | StreamingResponse:
     """Generate from one or several prompts with a profile; stream=true answers Server-Sent Events."""
     if body.stream:
-        events = await serving.generate_stream(services, request, body)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await serving.generate(services, request, body)
+        events, stamp = await serving.generate_stream(services, request, body)
+        return StreamingResponse(events, media_type="text/event-stream", headers={
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no", PROFILE_HEADER: stamp})
+    answer, response.headers[PROFILE_HEADER] = await serving.generate(services, request, body)
+    return answer
 
 
 @router.post("/score", response_model=ScoreResponse, responses=_ERRORS)
-async def score(body: ScoreRequest, request: Request, services: ServicesDep) -> ScoreResponse:
+async def score(body: ScoreRequest, request: Request, response: Response, services: ServicesDep) -> ScoreResponse:
     """Log-prob of each continuation given a context (with argmax), or the perplexity of a text."""
-    return await serving.score(services, request, body)
+    answer, response.headers[PROFILE_HEADER] = await serving.score(services, request, body)
+    return answer
 
 
 @router.post("/compare", response_model=CompareResponse, responses=_ERRORS)
-async def compare(body: CompareRequest, request: Request, services: ServicesDep) -> CompareResponse:
+async def compare(body: CompareRequest, request: Request, response: Response,
+                  services: ServicesDep) -> CompareResponse:
     """Run one generate or score request on several profiles and answer side by side with a diff."""
-    return await serving.compare(services, request, body)
+    answer, response.headers[PROFILE_HEADER] = await serving.compare(services, request, body)
+    return answer

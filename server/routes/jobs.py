@@ -44,13 +44,13 @@ async def create_sweep(body: SweepJobCreate, services: ServicesDep) -> JobPublic
 @router.get("", response_model=JobList, dependencies=[InferenceAuth])
 async def list_jobs(services: ServicesDep, state: Annotated[JobState | None, Query()] = None) -> JobList:
     """List jobs, newest first (optionally one state)."""
-    return serving.list_jobs(services, state)
+    return await serving.list_jobs(services, state)
 
 
 @router.get("/{job_id}", response_model=JobPublic, dependencies=[InferenceAuth], responses=_NOT_FOUND)
 async def get_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
     """A job: state, done/total, ETA, best so far, the per-config table and the test report."""
-    return serving.get_job(services, job_id)
+    return await serving.get_job(services, job_id)
 
 
 @router.get("/{job_id}/events", dependencies=[InferenceAuth], response_class=Response,
@@ -69,8 +69,8 @@ async def job_events(job_id: JobPath, request: Request, services: ServicesDep) -
 @router.delete("/{job_id}", response_model=JobPublic, dependencies=[AdminAuth],
                responses={409: {"description": "Already finished."}, **_NOT_FOUND, **_ERRORS})
 async def cancel_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
-    """Cancel a queued or running job (between steps; finished rows are kept)."""
-    return serving.cancel_job(services, job_id)
+    """Cancel a queued or running job, whichever server runs it (at its next step; stored rows are kept)."""
+    return await serving.cancel_job(services, job_id)
 
 
 @router.post("/{job_id}/promote", status_code=201, response_model=ProfilePublic, dependencies=[AdminAuth],
@@ -78,7 +78,7 @@ async def cancel_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
                         **_NOT_FOUND, **_ERRORS})
 async def promote(job_id: JobPath, body: PromoteRequest, request: Request, services: ServicesDep) -> ProfilePublic:
     """Store the job's best config as a profile, servable at once."""
-    profile = serving.promote(services, job_id, body)
+    profile = await serving.promote(services, job_id, body)
     request.state.profile = profile.name
     return profile
 

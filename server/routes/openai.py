@@ -38,6 +38,7 @@ from server.protocol.openai import (
     TokenizeResponse,
     TokenizerInfo,
 )
+from server.protocol.inference import PROFILE_HEADER
 from server.security import InferenceAuth
 from server.serving import openai as serving
 
@@ -162,11 +163,13 @@ _CHAT_STREAM = {200: {
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, dependencies=[InferenceAuth], responses=_ERRORS)
 
 
-def _answer(result: BaseModel | AsyncIterator[str]) -> Response | BaseModel:
+def _answer(answer: tuple[BaseModel | AsyncIterator[str], str], response: Response) -> Response | BaseModel:
+    result, stamp = answer
     if isinstance(result, BaseModel):
+        response.headers[PROFILE_HEADER] = stamp
         return result
     return StreamingResponse(result, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", PROFILE_HEADER: stamp})
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -182,15 +185,16 @@ def get_model(model: str, services: ServicesDep) -> ModelCard:
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_STREAM)
-async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
+async def completions(body: CompletionRequest, request: Request, response: Response, services: ServicesDep) -> Any:
     """Text completion with the profile named by `model`; echo + logprobs score prompts (lm-eval)."""
-    return _answer(await serving.create_completion(services, request, body))
+    return _answer(await serving.create_completion(services, request, body), response)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_CHAT_STREAM)
-async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response,
+                           services: ServicesDep) -> Any:
     """Chat completion through the model's chat template, with the profile named by `model`."""
-    return _answer(await serving.create_chat_completion(services, request, body))
+    return _answer(await serving.create_chat_completion(services, request, body), response)
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfo)

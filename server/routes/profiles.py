@@ -43,7 +43,7 @@ async def create_profile(body: ProfileCreate, services: ServicesDep, request: Re
     if dry_run:
         response.status_code = 200
         return await serving.dry_run(services, body.name, body)
-    created = serving.create_profile(services, body.name, body)
+    created = await serving.create_profile(services, body.name, body)
     request.state.profile = created.name
     return created
 
@@ -63,7 +63,7 @@ async def replace_profile(name: NamePath, body: ProfileUpdate, services: Service
     """Replace a profile (or create it); live traffic uses the new edits from the next batch on."""
     if dry_run:
         return await serving.dry_run(services, name, body)
-    profile, created = serving.replace_profile(services, name, body)
+    profile, created = await serving.replace_profile(services, name, body)
     if created:
         response.status_code = 201
     request.state.profile = name
@@ -75,4 +75,4 @@ async def replace_profile(name: NamePath, body: ProfileUpdate, services: Service
                           **_ERRORS})
 async def delete_profile(name: NamePath, services: ServicesDep) -> ProfileDeleted:
     """Delete a profile; queued requests naming it answer 404."""
-    return serving.delete_profile(services, name)
+    return await serving.delete_profile(services, name)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from laser_ops.scoring import GenerationResult, LoglikelihoodResult, RollingResult
+from server.engine import ProfileStamp, Served
 from server.errors import ApiError
 from server.protocol.inference import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -87,22 +88,25 @@ def _usage(results: list[GenerationResult]) -> GenerateUsage:
     return GenerateUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-def _generate_response(profile: str, results: list[GenerationResult]) -> GenerateResponse:
+def _generate_response(served: Served[list[GenerationResult]]) -> GenerateResponse:
+    results = served.value
     choices = [GenerateChoice(index=i, text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.n_prompt_tokens,
                               completion_tokens=len(r.token_ids)) for i, r in enumerate(results)]
-    return GenerateResponse(profile=profile, choices=choices, usage=_usage(results))
+    return GenerateResponse(profile=served.profile.name, profile_hash=served.profile.hash, choices=choices,
+                            usage=_usage(results))
 
 
 async def _run_generate(services: Services, profile: str, params: GenerateParams, loc: Loc,
                         is_disconnected: Disconnected) -> GenerateResponse:
     requests = _generation_requests(services, params, loc)
-    results = await services.engine.generate(profile, requests, is_disconnected=is_disconnected)
-    return _generate_response(profile, results)
+    return _generate_response(await services.engine.generate(profile, requests, is_disconnected=is_disconnected))
 
 
-async def generate(services: Services, request: Request, body: GenerateRequest) -> GenerateResponse:
+async def generate(services: Services, request: Request, body: GenerateRequest) -> tuple[GenerateResponse, str]:
+    """The response and its ``X-Laser-Profile`` header value."""
     profile = resolve_profile(services, request, body.profile)
-    return await _run_generate(services, profile, body, ("body",), request.is_disconnected)
+    response = await _run_generate(services, profile, body, ("body",), request.is_disconnected)
+    return response, stamp_header(response.profile, response.profile_hash)
 
 
 def _sse(payload: Any) -> str:
@@ -110,25 +114,32 @@ def _sse(payload: Any) -> str:
     return f"data: {data}\n\n"
 
 
-async def generate_stream(services: Services, request: Request, body: GenerateRequest) -> AsyncIterator[str]:
-    """Validate now (errors keep their 4xx status), then return the SSE event iterator.
+async def generate_stream(services: Services, request: Request, body: GenerateRequest
+                          ) -> tuple[AsyncIterator[str], str]:
+    """Validate now (errors keep their 4xx status), then return the SSE events and the
+    ``X-Laser-Profile`` header value (the profile is resolved before the first token).
 
-    Events: ``data: {profile, text}`` per delta, a final one with finish_reason and usage, then
-    ``data: [DONE]``. Closing the iterator (client gone) cancels the request on the engine.
+    Events: a first ``data: {profile, profile_hash}`` (no text), then one per text delta, a final one
+    with finish_reason and usage, then ``data: [DONE]``. Closing the iterator (client gone) cancels the
+    request on the engine.
     """
     profile = resolve_profile(services, request, body.profile)
     [req] = _generation_requests(services, body, ("body",))
     _admit(services, 1)
+    resolved = services.engine.resolve(profile)
+    stamp = resolved.stamp
+    stream = services.engine.generate_stream(resolved, req)
 
     async def events() -> AsyncIterator[str]:
+        event = lambda **kw: GenerateStreamEvent(profile=stamp.name, profile_hash=stamp.hash, **kw)  # noqa: E731
+        yield _sse(event())
         try:
-            async with aclosing(services.engine.generate_stream(profile, req)) as stream:
+            async with aclosing(stream):
                 async for item in stream:
                     if isinstance(item, str):
-                        yield _sse(GenerateStreamEvent(profile=profile, text=item))
-                    else:
-                        yield _sse(GenerateStreamEvent(profile=profile, finish_reason=item.finish_reason,
-                                                       usage=_usage([item])))
+                        yield _sse(event(text=item))
+                    elif isinstance(item, GenerationResult):
+                        yield _sse(event(finish_reason=item.finish_reason, usage=_usage([item])))
         except ApiError as e:
             yield _sse(StreamError(error=e.message))
         except (asyncio.CancelledError, GeneratorExit):
@@ -137,7 +148,7 @@ async def generate_stream(services: Services, request: Request, body: GenerateRe
             yield _sse(StreamError(error=f"{type(e).__name__}: {e}"))
         yield "data: [DONE]\n\n"
 
-    return events()
+    return events(), stamp.header
 
 
 # ---------------------------------------------------------------------------------------------- score
@@ -158,11 +169,12 @@ async def _run_score(services: Services, profile: str, params: ScoreParams, loc:
     if params.text is not None:
         check_prompt_chars(services, params.text, (*loc, "text"), "text")
         check_prompt_tokens(services, len(scorer.encode(params.text)), (*loc, "text"))
-        [rolled] = await engine.rolling(profile, [params.text], is_disconnected=is_disconnected)
+        served = await engine.rolling(profile, [params.text], is_disconnected=is_disconnected)
+        [rolled] = served.value
         assert isinstance(rolled, RollingResult)
         ppl = PerplexityScore(logprob=rolled.logprob, n_tokens=rolled.n_tokens,
                               perplexity=rolled.perplexity if rolled.n_tokens else None)
-        return ScoreResponse(profile=profile, perplexity=ppl)
+        return ScoreResponse(profile=served.profile.name, profile_hash=served.profile.hash, perplexity=ppl)
     context = params.context or ""
     _encode(services, context, (*loc, "context"))  # size checks before the pairs are built
     pairs = []
@@ -170,14 +182,17 @@ async def _run_score(services: Services, profile: str, params: ScoreParams, loc:
         ctx_ids, cont_ids = scorer.encode_pair(context, cont)
         check_prompt_tokens(services, len(ctx_ids) + len(cont_ids), (*loc, "continuations", i))
         pairs.append((ctx_ids, cont_ids))
-    results = await engine.loglikelihood(profile, pairs, is_disconnected=is_disconnected)
-    scores, best = _continuation_scores(params, results)
-    return ScoreResponse(profile=profile, continuations=scores, argmax=best)
+    served = await engine.loglikelihood(profile, pairs, is_disconnected=is_disconnected)
+    scores, best = _continuation_scores(params, served.value)
+    return ScoreResponse(profile=served.profile.name, profile_hash=served.profile.hash, continuations=scores,
+                         argmax=best)
 
 
-async def score(services: Services, request: Request, body: ScoreRequest) -> ScoreResponse:
+async def score(services: Services, request: Request, body: ScoreRequest) -> tuple[ScoreResponse, str]:
+    """The response and its ``X-Laser-Profile`` header value."""
     profile = resolve_profile(services, request, body.profile)
-    return await _run_score(services, profile, body, ("body",), request.is_disconnected)
+    response = await _run_score(services, profile, body, ("body",), request.is_disconnected)
+    return response, stamp_header(response.profile, response.profile_hash)
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -223,7 +238,12 @@ def _score_diff(profiles: list[str], answers: list[ScoreResponse]) -> list[Score
     return out
 
 
-async def compare(services: Services, request: Request, body: CompareRequest) -> CompareResponse:
+def stamp_header(name: str, profile_hash: str) -> str:
+    """``X-Laser-Profile`` value: the profile and the hash of the interventions that computed the answer."""
+    return ProfileStamp(name, profile_hash).header
+
+
+async def compare(services: Services, request: Request, body: CompareRequest) -> tuple[CompareResponse, str]:
     profiles = [resolve_profile(services, request, p, loc=("body", "profiles", i)) for i, p in enumerate(body.profiles)]
     request.state.profile = "*"  # spans several profiles; the engine's own metrics carry each one
     disconnected = request.is_disconnected
@@ -233,11 +253,13 @@ async def compare(services: Services, request: Request, body: CompareRequest) ->
                               for p in profiles])
         gdiff = _generate_diff(profiles, gens)
         return CompareResponse(profiles=profiles, generate=gens, diff=CompareDiff(
-            reference=profiles[0], generate=gdiff, any_changed=any(d.changed for d in gdiff)))
+            reference=profiles[0], generate=gdiff, any_changed=any(d.changed for d in gdiff))), \
+            ", ".join(stamp_header(g.profile, g.profile_hash) for g in gens)
     assert body.score is not None
     scores = await _gather([_run_score(services, p, body.score, ("body", "score"), disconnected) for p in profiles])
     sdiff = _score_diff(profiles, scores)
     changed = any(d.argmax_changed or any(x != 0 for x in d.logprob_deltas or []) or (d.perplexity_delta or 0) != 0
                   for d in sdiff)
     return CompareResponse(profiles=profiles, score=scores, diff=CompareDiff(
-        reference=profiles[0], score=sdiff, any_changed=changed))
+        reference=profiles[0], score=sdiff, any_changed=changed)), \
+        ", ".join(stamp_header(sc.profile, sc.profile_hash) for sc in scores)

@@ -1,20 +1,28 @@
-"""Sweep jobs: durable state in SQLite, one job at a time in FIFO order, each step on the engine thread.
+"""Sweep jobs: a queue shared by every server on one store, one job at a time per server, each step on the
+engine thread.
 
-- :class:`JobStore` keeps jobs and their finished rows (one SQLite row per step key, written as each step
-  finishes), so a job interrupted by a restart resumes without rerunning finished configs.
-- :class:`JobManager` owns one background worker task (tracked in a set with the SSE helpers and cancelled
-  on shutdown). For each job it builds a :class:`~laser_ops.sweeps.SweepRunner` off the event loop, then
-  submits every step as its own engine task, so inference batches run between sweep steps. Progress is
-  fanned out to SSE subscribers and to the ``laser_jobs`` / ``laser_job_progress_ratio`` gauges.
-- Cancel takes effect between steps (a step already on the engine finishes; its row is kept).
+- :class:`~server.store.jobs.JobStore` keeps jobs and their finished rows (one row per step key, written as
+  each step finishes), with leases: a server claims a job with one conditional ``UPDATE``, renews its
+  heartbeat every ``job_lease_s / 3`` while it runs it, and another server takes the job over only once that
+  heartbeat is older than ``job_lease_s`` (its owner died). A resumed job reruns no finished step.
+- :class:`JobManager` owns one background worker (tracked in a set with the heartbeat and SSE helpers and
+  cancelled on shutdown, which gives the running job back so any server resumes it at once). For each job it
+  builds a :class:`~laser_ops.sweeps.SweepRunner` off the event loop, then submits every step as its own
+  engine task, so inference batches run between sweep steps. Progress is fanned out to SSE subscribers (a
+  subscriber on another server follows the store) and to the ``laser_jobs`` / ``laser_job_progress_ratio``
+  gauges.
+- Cancel is a state change in the store, from any server: the owner sees it at its next heartbeat or step
+  (a step already on the engine finishes; only rows stored before the cancel are kept).
+- A job is bound to the fingerprint of the model it was submitted for; a server with other weights fails
+  it instead of resuming it with a different base row.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sqlite3
+import os
+import socket
 import threading
 import time
 import uuid
@@ -65,148 +73,15 @@ from server.protocol.profiles import ProfilePublic
 from server.serving import datasets as datasets_serving
 from server.serving import profiles as profiles_serving
 from server.state import Services
-from server.store import RESERVED_PROFILES, Database
+from server.store import RESERVED_PROFILES, StoreUnavailableError
+from server.store.datasets import DatasetStore
+from server.store.jobs import STATES, Claim, JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
 
 EXTRAS_KEY = "jobs"
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 KEEPALIVE_S = 15.0
-
-
-# ---------------------------------------------------------------------------------------------- store
-
-
-@dataclass
-class JobRecord:
-    id: str
-    state: str
-    dataset: str
-    config: dict[str, Any]
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    error: str | None = None
-    done: int = 0
-    total: int | None = None
-    elapsed_s: float = 0.0
-    stopped: str | None = None
-    n_validation: int | None = None
-    n_test: int | None = None
-    best_key: str | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-
-class JobStore:
-    """Jobs and their finished rows in the shared SQLite file. Safe to call from any thread."""
-
-    _DDL = """
-    CREATE TABLE IF NOT EXISTS jobs (
-        id TEXT PRIMARY KEY,
-        kind TEXT NOT NULL DEFAULT 'sweep',
-        state TEXT NOT NULL,
-        dataset TEXT NOT NULL,
-        config TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        error TEXT,
-        done INTEGER NOT NULL DEFAULT 0,
-        total INTEGER,
-        elapsed_s REAL NOT NULL DEFAULT 0,
-        stopped TEXT,
-        n_validation INTEGER,
-        n_test INTEGER,
-        best_key TEXT
-    );
-    CREATE TABLE IF NOT EXISTS job_rows (
-        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-        key TEXT NOT NULL,
-        step INTEGER NOT NULL,
-        row TEXT NOT NULL,
-        PRIMARY KEY (job_id, key)
-    );
-    CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state)
-    """
-    _FIELDS = frozenset(JobRecord.__dataclass_fields__) - {"id", "config", "created_at", "dataset"}
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        db.ensure_schema(self._DDL)
-
-    @staticmethod
-    def _record(r: sqlite3.Row) -> JobRecord:
-        return JobRecord(id=r["id"], state=r["state"], dataset=r["dataset"], config=json.loads(r["config"]),
-                         created_at=r["created_at"], started_at=r["started_at"], finished_at=r["finished_at"],
-                         error=r["error"], done=r["done"], total=r["total"], elapsed_s=r["elapsed_s"],
-                         stopped=r["stopped"], n_validation=r["n_validation"], n_test=r["n_test"],
-                         best_key=r["best_key"])
-
-    def create(self, dataset: str, config: dict[str, Any], *, total: int | None, n_validation: int | None,
-               n_test: int | None) -> JobRecord:
-        job = JobRecord(id=f"sweep-{uuid.uuid4().hex[:12]}", state="queued", dataset=dataset, config=config,
-                        created_at=time.time(), total=total, n_validation=n_validation, n_test=n_test)
-        with self.db.transaction() as con:
-            con.execute("INSERT INTO jobs (id, state, dataset, config, created_at, total, n_validation, n_test) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (job.id, job.state, dataset, json.dumps(config), job.created_at, total, n_validation,
-                         n_test))
-        return job
-
-    def get(self, job_id: str) -> JobRecord | None:
-        with self.db.connect() as con:
-            r = con.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if r is None else self._record(r)
-
-    def list(self, state: str | None = None) -> list[JobRecord]:
-        sql, args = "SELECT * FROM jobs", ()
-        if state is not None:
-            sql, args = sql + " WHERE state = ?", (state,)
-        with self.db.connect() as con:
-            rows = con.execute(sql + " ORDER BY rowid DESC", args).fetchall()
-        return [self._record(r) for r in rows]
-
-    def next_runnable(self) -> JobRecord | None:
-        """An interrupted (running) job first, then the oldest queued one."""
-        with self.db.connect() as con:
-            r = con.execute("SELECT * FROM jobs WHERE state IN ('running', 'queued') "
-                            "ORDER BY state = 'running' DESC, rowid LIMIT 1").fetchone()
-        return None if r is None else self._record(r)
-
-    def update(self, job_id: str, *, only_if_active: bool = False, **fields: Any) -> bool:
-        """Set fields; with ``only_if_active`` only while the job is queued or running (a cancel wins)."""
-        bad = set(fields) - self._FIELDS
-        if bad:
-            raise ValueError(f"unknown job fields {sorted(bad)}")
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        sql = f"UPDATE jobs SET {sets} WHERE id = ?" + (" AND state IN ('queued', 'running')" if only_if_active
-                                                         else "")
-        with self.db.transaction() as con:
-            return con.execute(sql, (*fields.values(), job_id)).rowcount > 0
-
-    def put_rows(self, job_id: str, rows: list[SweepRow]) -> None:
-        with self.db.transaction() as con:
-            con.executemany("INSERT OR REPLACE INTO job_rows (job_id, key, step, row) VALUES (?, ?, ?, ?)",
-                            [(job_id, r.key, r.step, r.model_dump_json()) for r in rows])
-
-    def rows(self, job_id: str) -> list[SweepRow]:
-        with self.db.connect() as con:
-            rs = con.execute("SELECT row FROM job_rows WHERE job_id = ? ORDER BY step", (job_id,)).fetchall()
-        return [SweepRow.model_validate_json(r["row"]) for r in rs]
-
-    def counts(self) -> dict[str, int]:
-        with self.db.connect() as con:
-            rs = con.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
-        return {r["state"]: r["n"] for r in rs}
-
-    def active_using(self, dataset: str) -> list[str]:
-        with self.db.connect() as con:
-            rs = con.execute("SELECT id FROM jobs WHERE dataset = ? AND state IN ('queued', 'running')",
-                             (dataset,)).fetchall()
-        return [r["id"] for r in rs]
+POLL_MAX_S = 2.0  # an idle server looks for jobs submitted elsewhere at least this often
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -266,14 +141,24 @@ def test_public(row: SweepRow) -> TestReportPublic | None:
 # ---------------------------------------------------------------------------------------------- manager
 
 
+class ModelChangedError(RuntimeError):
+    """The job was submitted for other weights than this server's."""
+
+
+def server_identity() -> str:
+    """Who owns a lease: host, process and a nonce (a restarted process is a new owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 @dataclass
 class _Live:
-    """In-memory state of the job being run."""
+    """In-memory state of the job this server runs."""
 
-    job_id: str
+    job: JobRecord
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: SweepProgress | None = None
     pool: RaySweepPool | None = None  # the job's Ray actors, when it runs on Ray (cancel closes them)
+    persisted: set[str] = field(default_factory=set)  # step keys stored under this server's lease
     started: float = field(default_factory=time.monotonic)
     elapsed_before: float = 0.0
 
@@ -283,12 +168,18 @@ class _Live:
 
 
 class JobManager:
-    """Runs sweep jobs one at a time, FIFO; resumes interrupted ones on start."""
+    """Runs sweep jobs one at a time on this server, in submission order across all servers of the store."""
 
-    def __init__(self, services: Services, datasets: datasets_serving.DatasetStore, store: JobStore) -> None:
+    def __init__(self, services: Services, datasets: DatasetStore, store: JobStore, *, owner: str | None = None,
+                 lease_s: float = 30.0) -> None:
         self.services = services
+        self.db = services.db
         self.datasets = datasets
         self.store = store
+        self.owner = owner or server_identity()
+        self.lease_s = lease_s
+        self.heartbeat_s = lease_s / 3
+        self.poll_s = min(self.heartbeat_s, POLL_MAX_S)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._subscribers: dict[str, set[asyncio.Queue[JobProgress]]] = {}
@@ -299,7 +190,6 @@ class JobManager:
 
     def start(self) -> None:
         self._spawn(self._work(), name="laser-sweep-worker")
-        self._refresh_metrics()
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -309,7 +199,7 @@ class JobManager:
         return task
 
     async def stop(self) -> None:
-        """Cancel the worker (the running job stays 'running' in the store and resumes on the next start)."""
+        """Cancel the worker; the running job is given back (still running, no owner) for any server to resume."""
         live = self._live
         if live is not None:
             live.cancel.set()  # drops the step if it has not reached the engine yet
@@ -321,94 +211,158 @@ class JobManager:
     def wake(self) -> None:
         self._wake.set()
 
+    def _live_for(self, job_id: str) -> _Live | None:
+        live = self._live
+        return live if live is not None and live.job.id == job_id else None
+
     @property
     def running_job(self) -> str | None:
         """Id of the job this manager is executing right now (None between jobs)."""
-        return self._live.job_id if self._live is not None else None
+        return self._live.job.id if self._live is not None else None
 
     # -- worker
 
     async def _work(self) -> None:
         while True:
             self._wake.clear()
-            job = await asyncio.to_thread(self.store.next_runnable)
-            if job is None:
-                await self._wake.wait()
+            try:
+                claim = await self.db.run(self.store.claim_next, self.owner, self.lease_s)
+            except Exception:
+                logger.exception("job queue unavailable; retrying in %.1f s", self.poll_s)
+                claim = None
+            if claim is None:
+                await self._refresh_metrics()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                except asyncio.TimeoutError:
+                    pass
                 continue
-            await self._run(job)
+            try:
+                await self._run(claim)
+            except Exception:  # the worker outlives any one job (its lease lapses; another server resumes it)
+                logger.exception("job %s: stopped on an unexpected error", claim.job.id)
 
     async def _after_step(self, job_id: str, row: SweepRow) -> None:
         """Called after each step's row is stored (a seam for tests and extensions)."""
 
-    async def _run(self, job: JobRecord) -> None:
-        live = _Live(job.id, elapsed_before=job.elapsed_s)
+    async def _heartbeat(self, live: _Live) -> None:
+        """Renew the lease; on losing it (cancelled or taken over), stop the job at its next step."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                held = await self.db.run(self.store.renew, live.job.id, self.owner)
+            except Exception:
+                logger.warning("job %s: heartbeat failed (the lease lapses after %.1f s without one)", live.job.id,
+                               self.lease_s, exc_info=True)
+                continue
+            if not held:
+                logger.info("job %s: cancelled or taken over elsewhere; stopping at the next step", live.job.id)
+                live.cancel.set()
+                return
+
+    async def _check_model(self, job: JobRecord) -> None:
+        loaded = self.services.loaded
+        if job.model_fingerprint is None:  # submitted before jobs recorded their model (a v0.1 database)
+            if await self.db.run(self.store.bind_model, job.id, self.owner, loaded.fingerprint, loaded.model_id):
+                logger.warning("job %s did not record its model; bound it to %s (%s)", job.id, loaded.model_id,
+                               loaded.fingerprint[:16])
+            else:  # lost meanwhile (cancelled or taken over): the next step's write will say so and stop it
+                logger.info("job %s: could not bind its model (no longer ours)", job.id)
+        elif job.model_fingerprint != loaded.fingerprint:
+            raise ModelChangedError(
+                f"job {job.id} was submitted for model {job.model_id or '?'} (fingerprint "
+                f"{job.model_fingerprint[:16]}), but this server runs {loaded.model_id} (fingerprint "
+                f"{loaded.fingerprint[:16]}); resuming would mix results of different weights. Submit the sweep "
+                "again to run it on this model.")
+
+    async def _run(self, claim: Claim) -> None:
+        job = claim.job
+        live = _Live(job, elapsed_before=job.elapsed_s)
         self._live = live
+        if claim.previous_owner is not None:
+            logger.warning("job %s: taking over from %s, whose last heartbeat was %.1f s ago (lease %.1f s)",
+                           job.id, claim.previous_owner, claim.idle_s or 0.0, self.lease_s)
+        heartbeat = self._spawn(self._heartbeat(live), name=f"laser-job-heartbeat-{job.id}")
+        try:
+            await self._execute(live)
+            await self._state_changed(job.id)  # published while running_job still names the job
+        finally:
+            heartbeat.cancel()
+            self._live = None
+
+    async def _execute(self, live: _Live) -> None:
+        """Run the claimed job's remaining steps and record how it ended (failures included)."""
+        job = live.job
         loop = asyncio.get_running_loop()
 
         def on_progress(p: SweepProgress) -> None:  # any thread
             live.progress = p
-            loop.call_soon_threadsafe(self._on_progress, job.id, p)
+            loop.call_soon_threadsafe(self._on_progress, live, p)
 
         try:
-            resumed = job.state == "running"
-            await asyncio.to_thread(self.store.update, job.id, only_if_active=True, state="running",
-                                    started_at=job.started_at or time.time())
-            self._state_changed(job.id)
-            dataset = await asyncio.to_thread(self.datasets.get, job.dataset)
-            rows = await asyncio.to_thread(self.store.rows, job.id)
+            await self._state_changed(job.id)
+            await self._check_model(job)
+            dataset = await self.db.run(self.datasets.get, job.dataset)
+            rows = await self.db.run(self.store.rows, job.id)
+            live.persisted.update(r.key for r in rows)
             config = job_config(job)
             runner = await asyncio.to_thread(SweepRunner, config, dataset, completed=rows,
                                              on_progress=on_progress, should_cancel=live.cancel.is_set)
-            if resumed:
+            if rows:
                 logger.info("job %s: resuming with %d finished step(s)", job.id, len(rows))
             address = job.config.get("ray_address") or self.services.settings.ray_address
             if address:
-                result = await self._run_on_ray(job, address, config, dataset, runner, live)
+                await self._run_on_ray(live, address, config, dataset, runner)
             else:
-                result = await self._run_in_process(job, runner, live)
-            await asyncio.to_thread(self.store.put_rows, job.id, result.rows)  # greedy 'kept' flags settle late
-            best = runner.best()
-            fields = dict(finished_at=time.time(), stopped=result.stopped, done=len(runner.rows),
-                          elapsed_s=live.elapsed, best_key=best.key if best else None)
-            if live.cancel.is_set():
-                await asyncio.to_thread(self.store.update, job.id, **fields)  # the row already says cancelled
-            else:
-                await asyncio.to_thread(self.store.update, job.id, only_if_active=True, state="succeeded",
-                                        **fields)
+                await self._run_in_process(live, runner)
+            await self._conclude(live, runner)
         except asyncio.CancelledError:
-            # Shutdown: the job stays queued/running in the store and resumes on the next start.
-            await asyncio.shield(asyncio.to_thread(self.store.update, job.id, elapsed_s=live.elapsed))
+            # Shutdown: give the job back (running, no owner), so any server resumes it without waiting.
+            if await asyncio.shield(self.db.run(self.store.release, job.id, self.owner, elapsed_s=live.elapsed)):
+                logger.info("job %s: given back to the queue on shutdown", job.id)
+            else:
+                logger.info("job %s: already cancelled or taken over; nothing to give back", job.id)
             raise
+        except StoreUnavailableError as exc:
+            # Not the job's fault: leave it running; its lease lapses and a server (maybe this one) resumes it.
+            logger.error("job %s: %s; leaving it to be resumed once the store is back", job.id, exc)
         except Exception as exc:
-            logger.exception("job %s failed", job.id)
-            msg = f"dataset {job.dataset!r} no longer exists" if isinstance(exc, KeyError) else \
-                f"{type(exc).__name__}: {exc}"
-            await asyncio.to_thread(self.store.update, job.id, only_if_active=True, state="failed", error=msg,
-                                    finished_at=time.time(), elapsed_s=live.elapsed)
-        finally:
-            self._live = None
-        self._state_changed(job.id)
+            if isinstance(exc, ModelChangedError):
+                logger.error("job %s failed: %s", job.id, exc)
+                msg = str(exc)
+            else:
+                logger.exception("job %s failed", job.id)
+                msg = f"dataset {job.dataset!r} no longer exists" if isinstance(exc, KeyError) else \
+                    f"{type(exc).__name__}: {exc}"
+            if not await self.db.run(self.store.finish, job.id, self.owner, "failed", error=msg,
+                                     finished_at=time.time(), elapsed_s=live.elapsed):
+                logger.warning("job %s: cancelled or taken over before its failure could be recorded", job.id)
 
-    async def _run_in_process(self, job: JobRecord, runner: SweepRunner, live: _Live) -> SweepResult:
-        """Each step is an engine task on the model-owner thread, so inference runs between steps."""
+    async def _run_in_process(self, live: _Live, runner: SweepRunner) -> None:
+        """Each step is a chunked engine task on the model-owner thread (one batch of rows per chunk), so
+        inference runs between chunks."""
+        job = live.job
         steps = runner.steps(self.services.swapper.targets)
         while True:
             step = await asyncio.to_thread(next, steps, None)
             if step is None:
                 break
             try:
-                rows = await self.services.engine.run_task(step.run, cancelled=live.cancel, background=True)
+                rows = await self.services.engine.run_task(step.work, cancelled=live.cancel, background=True)
             except RequestCancelled:
                 break
             runner.record(rows)
-            self.rows_run += len(rows)
             recorded = [runner.rows[r.key] for r in rows]
-            await asyncio.to_thread(self._persist_step, job.id, recorded, runner, live)
+            if not await self.db.run(self._record_step, live, runner, recorded):
+                live.cancel.set()  # cancelled or taken over: these rows are not ours to store
+                break
+            self.rows_run += len(recorded)
+            logger.info("job %s: step %s stored (%d rows done, %.2f s)", job.id, step.key, len(live.persisted),
+                        sum(r.seconds for r in rows))
             await self._after_step(job.id, recorded[-1])
-        return runner.result()
 
-    async def _run_on_ray(self, job: JobRecord, address: str, config: SweepConfig, dataset: Dataset,
-                          runner: SweepRunner, live: _Live) -> SweepResult:
+    async def _run_on_ray(self, live: _Live, address: str, config: SweepConfig, dataset: Dataset,
+                          runner: SweepRunner) -> None:
         """The job's steps on a pool of Ray actors (each loads this server's model; fingerprint checked)."""
         settings, loaded = self.services.settings, self.services.loaded
         source = ModelSource(loaded.source, loaded.fingerprint, device=settings.device, dtype=settings.dtype,
@@ -416,56 +370,88 @@ class JobManager:
         pool = await asyncio.to_thread(RaySweepPool, address, source, config, dataset, actors=settings.ray_actors,
                                        threads=settings.ray_threads_per_actor, svd_cache_bytes=settings.svd_cache_bytes)
         live.pool = pool
-        try:
-            def persist(rows: list[SweepRow]) -> None:
-                self.rows_run += len(rows)
-                self._persist_step(job.id, rows, runner, live)
 
-            return await asyncio.to_thread(run_steps, runner, self.services.swapper.targets, pool.submit,
-                                           max_in_flight=pool.size, on_record=persist)
+        def persist(rows: list[SweepRow]) -> None:  # run_steps' thread
+            if not self._record_step(live, runner, rows):
+                live.cancel.set()  # cancelled or taken over: stop the pool, store nothing more
+                pool.close()
+                return
+            self.rows_run += len(rows)
+
+        try:
+            await asyncio.to_thread(run_steps, runner, self.services.swapper.targets, pool.submit,
+                                    max_in_flight=pool.size, on_record=persist)
         except PoolClosed:
             if not live.cancel.is_set():
                 raise
-            return runner.result()
         finally:
             live.pool = None
             await asyncio.to_thread(pool.close)
 
-    def _persist_step(self, job_id: str, rows: list[SweepRow], runner: SweepRunner, live: _Live) -> None:
-        self.store.put_rows(job_id, rows)
+    def _record_step(self, live: _Live, runner: SweepRunner, rows: list[SweepRow]) -> bool:
+        """Store a step's rows with the job's progress, if this server still owns the job (store thread)."""
         best = runner.best()
         total = live.progress.total if live.progress is not None else None
-        self.store.update(job_id, done=len(runner.rows), elapsed_s=live.elapsed,
-                          best_key=best.key if best else None, **({"total": total} if total else {}))
+        keys = {r.key for r in rows}
+        stored = self.store.record_step(live.job.id, self.owner, rows, done=len(live.persisted | keys),
+                                        elapsed_s=live.elapsed, best_key=best.key if best else None,
+                                        **({"total": total} if total else {}))
+        if stored:
+            live.persisted.update(keys)
+        return stored
+
+    async def _conclude(self, live: _Live, runner: SweepRunner) -> None:
+        """Record the end: succeeded, or the final figures of a cancel; nothing if the job was taken over."""
+        job_id = live.job.id
+        result = runner.result()
+        rows = [r for r in result.rows if r.key in live.persisted]  # greedy 'kept' flags settle late
+        best = runner.best()
+        fields: dict[str, Any] = dict(stopped=result.stopped, done=len(rows), elapsed_s=live.elapsed)
+        if best is None or best.key in live.persisted:
+            fields["best_key"] = best.key if best else None
+        if not live.cancel.is_set() and await self.db.run(self.store.finish, job_id, self.owner, "succeeded", rows,
+                                                          finished_at=time.time(), **fields):
+            return
+        current = await self.db.run(self.store.get, job_id)
+        if current is not None and current.state == "cancelled":
+            fields["stopped"] = "cancelled"
+            if await self.db.run(self.store.settle_cancelled, job_id, self.owner, rows, **fields):
+                logger.info("job %s: cancelled after %d stored step(s)", job_id, len(rows))
+                return
+        logger.warning("job %s is no longer this server's (state %s, owner %s); stopped without writing more",
+                       job_id, current.state if current else "deleted", current.owner if current else None)
 
     # -- control
 
-    def cancel(self, job_id: str) -> JobRecord:
-        job = self.store.get(job_id)
-        if job is None:
-            raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
-        if job.terminal:
+    async def cancel(self, job_id: str) -> JobPublic:
+        """Cancel from any server: a state change in the store that the owner sees at its next step."""
+        if not await self.db.run(self.store.cancel, job_id):
+            job = await self.db.run(self.store.get, job_id)
+            if job is None:
+                raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
             raise ApiError(409, f"job {job_id} already {job.state}", ("path", "job_id"))
-        self.store.update(job_id, only_if_active=True, state="cancelled", finished_at=time.time())
-        live = self._live
-        if live is not None and live.job_id == job_id:
+        live = self._live_for(job_id)
+        if live is not None:
             live.cancel.set()
             if live.pool is not None:
                 live.pool.close()  # stops the actors: in-flight steps end now, not after they finish
-        self._state_changed(job_id)
-        job = self.store.get(job_id)
-        assert job is not None
-        return job
+        await self._state_changed(job_id)
+        return await self.db.run(self.view_of, job_id)
 
     def in_use(self, dataset: str) -> list[str]:
         return self.store.active_using(dataset)
 
-    # -- views
+    # -- views (blocking: they read the store; call through db.run)
 
-    def view(self, job: JobRecord) -> JobPublic:
-        rows = self.store.rows(job.id)
+    def view_of(self, job_id: str) -> JobPublic:
+        found = self.store.get_with_rows(job_id)
+        if found is None:
+            raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
+        return self.view(*found)
+
+    def view(self, job: JobRecord, rows: list[SweepRow]) -> JobPublic:
         by_key = {r.key: r for r in rows}
-        live = self._live if self._live is not None and self._live.job_id == job.id else None
+        live = self._live_for(job.id)
         n_val = job.n_validation
         base = by_key.get("base")
         best = by_key.get(job.best_key) if job.best_key else None
@@ -482,8 +468,8 @@ class JobManager:
         if job.state == "cancelled" and verdict is None:
             verdict = f"cancelled after {done} of {total} steps; the best config so far is promotable"
         return JobPublic(
-            **self._summary(job, done, total).model_dump(), config=job.config,
-            progress=(done / total) if total else None,
+            **self._summary(job, done, total).model_dump(), config=job.config, model_id=job.model_id,
+            model_fingerprint=job.model_fingerprint, progress=(done / total) if total else None,
             elapsed_s=live.elapsed if live is not None else job.elapsed_s,
             eta_s=live.progress.eta_s if live is not None and live.progress is not None else None,
             stopped=job.stopped, n_validation=n_val, n_test=job.n_test,
@@ -498,10 +484,10 @@ class JobManager:
         return JobSummary(id=job.id, state=job.state, dataset=job.dataset,  # type: ignore[arg-type]
                           done=job.done if done is None else done, total=job.total if total is None else total,
                           created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                          error=job.error)
+                          error=job.error, owner=job.owner, heartbeat_at=job.heartbeat)
 
     def progress_event(self, job: JobRecord, kind: str = "progress", last: SweepRow | None = None) -> JobProgress:
-        live = self._live if self._live is not None and self._live.job_id == job.id else None
+        live = self._live_for(job.id)
         p = live.progress if live is not None else None
         n_val = job.n_validation
         best_row = p.best if p is not None else None
@@ -534,34 +520,41 @@ class JobManager:
         for q in list(self._subscribers.get(job_id, ())):
             q.put_nowait(event)
 
-    def _on_progress(self, job_id: str, p: SweepProgress) -> None:
+    def _on_progress(self, live: _Live, p: SweepProgress) -> None:
+        job_id = live.job.id
         if p.total:
             self.services.metrics.job_progress.labels(job_id).set(p.done / p.total)
-        job = self.store.get(job_id)
-        if job is None or job_id not in self._subscribers:
+        if job_id not in self._subscribers:
             return
-        n_val = job.n_validation
+        n_val = live.job.n_validation
         self._publish(job_id, JobProgress(
-            id=job_id, state=job.state, done=p.done, total=p.total,  # type: ignore[arg-type]
-            progress=p.done / p.total if p.total else None, elapsed_s=self._live.elapsed if self._live else 0.0,
+            id=job_id, state="running", done=p.done, total=p.total,
+            progress=p.done / p.total if p.total else None, elapsed_s=live.elapsed,
             eta_s=p.eta_s, best=row_public(p.best, n_val) if p.best else None,
             last=row_public(p.last, n_val) if p.last else None))
 
-    def _state_changed(self, job_id: str) -> None:
-        self._refresh_metrics()
-        job = self.store.get(job_id)
-        if job is None:
-            return
-        if job.terminal:
-            try:
-                self.services.metrics.job_progress.remove(job_id)
-            except KeyError:
-                pass
-        if job_id in self._subscribers:
-            self._publish(job_id, self.progress_event(job, "state"))
+    async def _state_changed(self, job_id: str) -> None:
+        try:
+            job = await self.db.run(self.store.get, job_id)
+            await self._refresh_metrics()
+            if job is None:
+                return
+            if job.terminal:
+                try:
+                    self.services.metrics.job_progress.remove(job_id)
+                except KeyError:
+                    pass
+            if job_id in self._subscribers:
+                self._publish(job_id, await self.db.run(self.progress_event, job, "state"))
+        except Exception:  # metrics and events are best effort; the store holds the truth
+            logger.warning("job %s: could not publish its state change", job_id, exc_info=True)
 
-    def _refresh_metrics(self) -> None:
-        counts = self.store.counts()
+    async def _refresh_metrics(self) -> None:
+        try:
+            counts = await self.db.run(self.store.counts)
+        except Exception:
+            logger.warning("job counts unavailable", exc_info=True)
+            return
         for s in STATES:
             self.services.metrics.jobs.labels(s).set(counts.get(s, 0))
 
@@ -574,15 +567,15 @@ def manager(services: Services) -> JobManager:
 
 
 async def startup(app: Any, services: Services) -> None:
-    """Start-up hook (after the dataset store's): build the store and manager, resume unfinished jobs."""
-    store = await asyncio.to_thread(JobStore, services.db)
-    m = JobManager(services, datasets_serving.store(services), store)
+    """Start-up hook (after the dataset store's): build the manager; it claims unfinished jobs as it goes."""
+    m = JobManager(services, datasets_serving.store(services), JobStore(services.db),
+                   lease_s=services.settings.job_lease_s)
     services.extras[EXTRAS_KEY] = m
     m.start()
 
 
 async def shutdown(app: Any) -> None:
-    """Shutdown hook: cancel the worker and SSE helpers (unfinished jobs resume on the next start)."""
+    """Shutdown hook: cancel the worker and SSE helpers; the running job is given back to the queue."""
     services = getattr(app.state, "services", None)
     m = services.extras.get(EXTRAS_KEY) if services is not None else None
     if m is not None:
@@ -595,13 +588,6 @@ async def shutdown(app: Any) -> None:
 def job_config(job: JobRecord) -> SweepConfig:
     """The job's sweep config (the stored JSON also carries where it runs: ray_address)."""
     return SweepConfig.model_validate({k: v for k, v in job.config.items() if k != "ray_address"})
-
-
-def _get(services: Services, job_id: str) -> JobRecord:
-    job = manager(services).store.get(job_id)
-    if job is None:
-        raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
-    return job
 
 
 def _check_grid(services: Services, config: SweepConfig) -> int:
@@ -619,48 +605,67 @@ def _check_grid(services: Services, config: SweepConfig) -> int:
 
 
 async def create_sweep(services: Services, body: SweepJobCreate) -> JobPublic:
+    """Validate and queue a sweep bound to this server's model; any server of the store may run it."""
     m = manager(services)
-    if body.dataset not in m.datasets:
-        known = [d.name for d in datasets_serving.list_datasets(services).data]
-        raise ApiError(404, f"unknown dataset {body.dataset!r}; known: {known}", ("body", "dataset"))
     config = SweepConfig.model_validate(body.model_dump(exclude={"ray_address"}))
-    n_grid = _check_grid(services, config)
-    dataset = await asyncio.to_thread(m.datasets.get, body.dataset)
-    try:
-        runner = await asyncio.to_thread(SweepRunner, config, dataset)
-    except (ValueError, SweepConfigError) as e:
-        fld = getattr(e, "field", "validation_fraction")
-        what = "cannot be split with this config" if fld == "validation_fraction" else "does not fit this config"
-        raise ApiError(422, f"dataset {body.dataset!r} {what}: {e}", ("body", fld)) from None
-    stored = config.model_dump(mode="json") | ({"ray_address": body.ray_address} if body.ray_address else {})
-    job = await asyncio.to_thread(
-        m.store.create, body.dataset, stored, total=planned_total(config, n_grid),
-        n_validation=len(runner.split.validation), n_test=len(runner.split.test))
+
+    def create() -> JobPublic:  # store thread: dataset lookups and the insert
+        if body.dataset not in m.datasets:
+            known = datasets_serving.known_names(m.datasets)
+            raise ApiError(404, f"unknown dataset {body.dataset!r}; known: {known}", ("body", "dataset"))
+        n_grid = _check_grid(services, config)
+        dataset = m.datasets.get(body.dataset)
+        try:
+            runner = SweepRunner(config, dataset)
+        except (ValueError, SweepConfigError) as e:
+            fld = getattr(e, "field", "validation_fraction")
+            what = "cannot be split with this config" if fld == "validation_fraction" else "does not fit this config"
+            raise ApiError(422, f"dataset {body.dataset!r} {what}: {e}", ("body", fld)) from None
+        loaded = services.loaded
+        stored = config.model_dump(mode="json") | ({"ray_address": body.ray_address} if body.ray_address else {})
+        job = m.store.create(body.dataset, stored, total=planned_total(config, n_grid),
+                             n_validation=len(runner.split.validation), n_test=len(runner.split.test),
+                             model_fingerprint=loaded.fingerprint, model_id=loaded.model_id)
+        return m.view(job, [])
+
+    public = await services.db.run(create)
     m.wake()
-    m._refresh_metrics()
-    return m.view(job)
+    await m._refresh_metrics()
+    return public
 
 
-def list_jobs(services: Services, state: str | None) -> JobList:
+async def list_jobs(services: Services, state: str | None) -> JobList:
     m = manager(services)
-    return JobList(data=[m._summary(j) for j in m.store.list(state)])
+    jobs = await services.db.run(m.store.list, state)
+    return JobList(data=[m._summary(j) for j in jobs])
 
 
-def get_job(services: Services, job_id: str) -> JobPublic:
+async def get_job(services: Services, job_id: str) -> JobPublic:
     m = manager(services)
-    return m.view(_get(services, job_id))
+    return await services.db.run(m.view_of, job_id)
 
 
-def cancel_job(services: Services, job_id: str) -> JobPublic:
-    m = manager(services)
-    return m.view(m.cancel(job_id))
+async def cancel_job(services: Services, job_id: str) -> JobPublic:
+    return await manager(services).cancel(job_id)
+
+
+async def _get(services: Services, job_id: str) -> JobRecord:
+    job = await services.db.run(manager(services).store.get, job_id)
+    if job is None:
+        raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
+    return job
 
 
 async def events(services: Services, job_id: str,
                  is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-    """SSE stream: a snapshot, one ``progress`` event per step, a ``state`` event per change; ends when terminal."""
+    """SSE stream: a snapshot, one ``progress`` event per step, a ``state`` event per change; ends when terminal.
+
+    Events of a job this server runs come as they happen; a job running on another server is followed
+    through the store (every ``poll_s``): a ``progress`` event when its step count moves, ``state`` when its
+    state changes.
+    """
     m = manager(services)
-    _get(services, job_id)  # 404 before the stream starts
+    await _get(services, job_id)  # 404 before the stream starts
     q = m.subscribe(job_id)  # subscribe first, then snapshot: no event can fall in between
 
     def sse(ev: JobProgress) -> str:
@@ -668,20 +673,34 @@ async def events(services: Services, job_id: str,
 
     async def stream() -> AsyncIterator[str]:
         try:
-            job = _get(services, job_id)
-            yield sse(m.progress_event(job, "state" if job.terminal else "progress"))
+            job = await _get(services, job_id)
+            first = await services.db.run(m.progress_event, job, "state" if job.terminal else "progress")
+            yield sse(first)
             if job.terminal:
                 return
+            seen = (job.state, job.done)
+            quiet_since = time.monotonic()
             while True:
                 try:
-                    ev = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                    ev = await asyncio.wait_for(q.get(), min(KEEPALIVE_S, m.poll_s))
                 except asyncio.TimeoutError:
-                    if await is_disconnected():
-                        return
-                    yield ": keep-alive\n\n"
-                    continue
+                    ev = None
+                    if m._live_for(job_id) is None:  # run elsewhere (or not at all): follow the store
+                        job = await _get(services, job_id)
+                        if (job.state, job.done) != seen:
+                            kind = "state" if job.state != seen[0] else "progress"
+                            ev = await services.db.run(m.progress_event, job, kind)
+                    if ev is None:
+                        if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                            if await is_disconnected():
+                                return
+                            quiet_since = time.monotonic()
+                            yield ": keep-alive\n\n"
+                        continue
+                seen = (ev.state, ev.done)
+                quiet_since = time.monotonic()
                 yield sse(ev)
-                if ev.type == "state" and ev.state in TERMINAL_STATES:
+                if ev.state in TERMINAL_STATES:
                     return
         finally:
             m.unsubscribe(job_id, q)
@@ -699,10 +718,10 @@ async def examples(services: Services, job_id: str, config: str, split: ExampleS
                    offset: int, limit: int) -> ExamplePage:
     """Per-example evidence of ``config`` against base: what it fixed and what it broke, with prompts."""
     m = manager(services)
-    job = _get(services, job_id)
-    rows = {r.key: r for r in await asyncio.to_thread(m.store.rows, job_id)}
+    job = await _get(services, job_id)
+    rows = {r.key: r for r in await services.db.run(m.store.rows, job_id)}
     try:
-        dataset: Dataset = await asyncio.to_thread(m.datasets.get, job.dataset)
+        dataset: Dataset = await services.db.run(m.datasets.get, job.dataset)
     except KeyError:
         raise ApiError(409, f"dataset {job.dataset!r} of job {job_id} no longer exists; its examples cannot be "
                             "shown", ("path", "job_id")) from None
@@ -755,8 +774,8 @@ async def examples(services: Services, job_id: str, config: str, split: ExampleS
 
 async def plot_png(services: Services, job_id: str) -> bytes:
     m = manager(services)
-    job = _get(services, job_id)
-    rows = await asyncio.to_thread(m.store.rows, job_id)
+    job = await _get(services, job_id)
+    rows = await services.db.run(m.store.rows, job_id)
     base = next((r for r in rows if r.key == "base"), None)
     if base is None or base.val_accuracy is None or not any(r.role == "config" for r in rows):
         raise ApiError(409, f"job {job_id} has no finished configs to plot yet (state {job.state})")
@@ -769,14 +788,21 @@ async def plot_png(services: Services, job_id: str) -> bytes:
         raise ApiError(409, f"nothing to plot: {e}") from None
 
 
-def promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePublic:
+async def promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePublic:
     """The job's best config becomes a profile (servable at once). 409: no winner, or the name is taken."""
+    return await services.db.run(_promote, services, job_id, body)
+
+
+def _promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePublic:
     m = manager(services)
-    job = _get(services, job_id)
+    found = m.store.get_with_rows(job_id)
+    if found is None:
+        raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
+    job, job_rows = found
     if job.state not in ("succeeded", "cancelled"):
         raise ApiError(409, f"job {job_id} is {job.state}; promote it once it has succeeded (or was cancelled)",
                        ("path", "job_id"))
-    rows = {r.key: r for r in m.store.rows(job_id)}
+    rows = {r.key: r for r in job_rows}
     best = rows.get(job.best_key) if job.best_key else None
     if best is None or not best.interventions:
         raise ApiError(409, f"job {job_id} has no winning config to promote", ("path", "job_id"))
@@ -791,6 +817,7 @@ def promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePub
         raise ApiError(422, f"the winner's interventions are invalid: {e}", ("path", "job_id")) from None
     profiles_serving.plan(services, specs)
     base = rows.get("base")
+
     def pct(row: Any) -> str:
         return "n/a" if row is None or row.val_accuracy is None else f"{row.val_accuracy:.4f}"
 

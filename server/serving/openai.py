@@ -24,6 +24,7 @@ from fastapi import Request
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
+from laser_ops.batching.detokenizer import IncrementalDetokenizer, token_string
 from laser_ops.scoring import GenerationRequest, GenerationResult, PromptLogprobs
 from server.errors import ApiError
 from server.protocol.openai import (
@@ -70,54 +71,29 @@ class OpenAIApiError(ApiError):
 
 
 class TokenText:
-    """Token ids as text: per-token pieces that join to the decoded sequence, and standalone token strings."""
+    """Token ids as text for the OpenAI layouts, through the shared incremental detokenizer."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.special = set(tokenizer.all_special_ids)
-        # Decoding after a plain token keeps the leading space SentencePiece strips from a first token.
+        # A plain token to read single tokens after: keeps the leading space SentencePiece strips from a first token.
         self._anchor = list(tokenizer("a", add_special_tokens=False).input_ids)
-        self._anchor_text = self._decode(self._anchor, False)
         self._single: dict[int, str] = {}
-
-    def _decode(self, ids: Sequence[int], skip_special: bool) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
     def single(self, token_id: int) -> str:
         """The token's own text (special tokens show theirs), as it reads after other text."""
         text = self._single.get(token_id)
         if text is None:
-            full = self._decode(self._anchor + [token_id], False)
-            text = full[len(self._anchor_text):] if full.startswith(self._anchor_text) else self._decode(
-                [token_id], False)
-            self._single[token_id] = text
+            text = self._single[token_id] = token_string(self.tokenizer, token_id, self._anchor)
         return text
 
     def pieces(self, ids: Sequence[int], *, context: Sequence[int] = (), skip_special: bool = False) -> list[str]:
         """One text piece per id; ``"".join`` gives the decoded text of ``ids`` (after ``context``).
 
-        Incremental decoding: a token that ends inside a multi-byte character gets "" and the token that
-        completes it gets the whole character.
+        A token that ends inside a multi-byte character gets "" and the token that completes it gets the
+        whole character (:class:`~laser_ops.batching.detokenizer.IncrementalDetokenizer`).
         """
-        context = list(context)
-        if context and "\ufffd" in self._decode(context, skip_special):
-            context = []
-        seq = context + list(ids)
-        prefix, read = 0, len(context)
-        out: list[str] = []
-        for k in range(len(context), len(seq)):
-            before = self._decode(seq[prefix:read], skip_special)
-            now = self._decode(seq[prefix:k + 1], skip_special)
-            if len(now) > len(before) and now.startswith(before) and not now.endswith("\ufffd"):
-                out.append(now[len(before):])
-                prefix, read = read, k + 1
-            else:
-                out.append("")
-        if out and read < len(seq):  # flush a trailing partial character
-            before = self._decode(seq[prefix:read], skip_special)
-            now = self._decode(seq[prefix:], skip_special)
-            out[-1] += now[len(before):] if now.startswith(before) else now
-        return out
+        return IncrementalDetokenizer(self.tokenizer, context=context, skip_special_tokens=skip_special).pieces(ids)
 
     def token_strings(self, ids: Sequence[int], pieces: Sequence[str]) -> list[str]:
         """Pieces, except special tokens, which show their own text."""
@@ -312,6 +288,7 @@ class _Completion:
     def __init__(self, services: Services, request: Request, body: CompletionRequest) -> None:
         self.services, self.request, self.body = services, request, body
         self.profile = resolve_model(services, request, body.model)
+        self.resolved = services.engine.resolve(self.profile)
         self.prompts = _prompt_ids(services, body.prompt)
         limit = services.settings.max_new_tokens
         self.max_tokens = body.max_tokens if body.max_tokens is not None else min(DEFAULT_COMPLETION_TOKENS, limit)
@@ -347,8 +324,9 @@ class _Completion:
         return [(i, j) for i in range(len(self.prompts)) for j in range(self.body.n)]
 
     async def _prompt_logprobs(self, seqs: list[list[int]], top_n: int) -> list[PromptLogprobs]:
-        return await self.engine.prompt_logprobs(self.profile, seqs, top_n,
-                                                 is_disconnected=self.request.is_disconnected)
+        served = await self.engine.prompt_logprobs(self.resolved, seqs, top_n,
+                                                   is_disconnected=self.request.is_disconnected)
+        return served.value
 
     async def run(self) -> list[_Choice]:
         if self.max_tokens == 0:
@@ -357,9 +335,9 @@ class _Completion:
         elif self.fast_path:
             choices = await self._run_fast()
         else:
-            results = await self.engine.generate(self.profile, self.requests(),
-                                                 is_disconnected=self.request.is_disconnected)
-            choices = [_Choice(i, j, r) for (i, j), r in zip(self._pairs(), results, strict=True)]
+            served = await self.engine.generate(self.resolved, self.requests(),
+                                                is_disconnected=self.request.is_disconnected)
+            choices = [_Choice(i, j, r) for (i, j), r in zip(self._pairs(), served.value, strict=True)]
         await self.score(choices)
         return choices
 
@@ -483,7 +461,7 @@ class _Completion:
             out.append(CompletionChoice(index=idx, text=self.echo_text(c.prompt_index) + c.result.text,
                                         logprobs=self.logprobs_of(c), finish_reason=_finish(c.result.finish_reason)))
         return CompletionResponse(id=self.id, created=self.created, model=self.body.model or self.profile,
-                                  choices=out, usage=self.usage(choices))
+                                  choices=out, usage=self.usage(choices), system_fingerprint=self.resolved.stamp.hash)
 
     # ---- streaming
 
@@ -491,7 +469,8 @@ class _Completion:
                finish: str | None = None) -> CompletionResponse:
         return CompletionResponse(id=self.id, created=self.created, model=self.body.model or self.profile,
                                   choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                                            finish_reason=finish)])
+                                                            finish_reason=finish)],
+                                  system_fingerprint=self.resolved.stamp.hash)
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE lines: per choice the echoed prompt, text deltas, a last chunk with finish_reason (and
@@ -510,7 +489,7 @@ class _Completion:
                     finals[idx] = c
                     yield _sse(self._chunk(idx, "", self.logprobs_of(c), _finish(c.result.finish_reason)))
             else:
-                streams = [self.engine.generate_stream(self.profile, req) for req in self.requests()]
+                streams = [self.engine.generate_stream(self.resolved, req) for req in self.requests()]
                 async for idx, item in _merge(streams):
                     if isinstance(item, str):
                         if item:
@@ -523,20 +502,21 @@ class _Completion:
             if self.body.include_usage:
                 usage = self.usage([finals[k] for k in sorted(finals)])
                 yield _sse(CompletionResponse(id=self.id, created=self.created, model=self.body.model or self.profile,
-                                              choices=[], usage=usage))
+                                              choices=[], usage=usage, system_fingerprint=self.resolved.stamp.hash))
         except Exception as exc:  # noqa: BLE001 - headers are sent; report in the stream
             yield _sse_error(exc)
         yield "data: [DONE]\n\n"
 
 
 async def create_completion(services: Services, request: Request,
-                            body: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-    """Validate, then either run to a response or hand back the SSE stream."""
+                            body: CompletionRequest) -> tuple[CompletionResponse | AsyncIterator[str], str]:
+    """Validate, then either run to a response or hand back the SSE stream; with the X-Laser-Profile value."""
     job = _Completion(services, request, body)
     if body.stream:
-        return job.stream()
+        return job.stream(), job.resolved.stamp.header
     choices = await job.run()
-    return await asyncio.to_thread(job.response, choices) if body.echo else job.response(choices)
+    response = await asyncio.to_thread(job.response, choices) if body.echo else job.response(choices)
+    return response, job.resolved.stamp.header
 
 
 # --------------------------------------------------------------------------------------------- chat
@@ -562,6 +542,7 @@ class _Chat:
     def __init__(self, services: Services, request: Request, body: ChatCompletionRequest) -> None:
         self.services, self.request, self.body = services, request, body
         self.profile = resolve_model(services, request, body.model)
+        self.resolved = services.engine.resolve(self.profile)
         check_prompt_chars(services, "".join(m.as_template_input()["content"] for m in body.messages),
                            ("body", "messages"), "chat")
         self.ids = render_chat(services, body.messages, add_generation_prompt=body.add_generation_prompt,
@@ -614,17 +595,18 @@ class _Chat:
         choices = [ChatChoice(index=j, message=AssistantMessage(content=r.text), logprobs=self.logprobs_of(r),
                               finish_reason=_finish(r.finish_reason)) for j, r in enumerate(results)]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=self.usage(results))
+                                      usage=self.usage(results), system_fingerprint=self.resolved.stamp.hash)
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+                                   system_fingerprint=self.resolved.stamp.hash)
 
     async def stream(self) -> AsyncIterator[str]:
         results: dict[int, GenerationResult] = {}
         try:
             for j in range(self.body.n):
                 yield _sse(self._chunk([ChatStreamChoice(index=j, delta=ChatDelta(role="assistant", content=""))]))
-            streams = [self.services.engine.generate_stream(self.profile, req) for req in self.requests()]
+            streams = [self.services.engine.generate_stream(self.resolved, req) for req in self.requests()]
             async for j, item in _merge(streams):
                 if isinstance(item, str):
                     if item:
@@ -640,13 +622,14 @@ class _Chat:
         yield "data: [DONE]\n\n"
 
 
-async def create_chat_completion(services: Services, request: Request,
-                                 body: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+async def create_chat_completion(services: Services, request: Request, body: ChatCompletionRequest
+                                 ) -> tuple[ChatCompletionResponse | AsyncIterator[str], str]:
+    """Validate, then either run to a response or hand back the SSE stream; with the X-Laser-Profile value."""
     job = _Chat(services, request, body)
     if body.stream:
-        return job.stream()
-    results = await services.engine.generate(job.profile, job.requests(), is_disconnected=request.is_disconnected)
-    return job.response(results)
+        return job.stream(), job.resolved.stamp.header
+    served = await services.engine.generate(job.resolved, job.requests(), is_disconnected=request.is_disconnected)
+    return job.response(served.value), job.resolved.stamp.header
 
 
 # --------------------------------------------------------------------------------------------- tokenizer

@@ -1,7 +1,8 @@
 """Profile logic: validate against the loaded model, store durably, dry-run on the engine thread.
 
-Names are validated by the protocol models (a safe pattern) and are only ever SQLite keys, never paths.
-A replaced profile takes effect at the next batch: the engine resolves a profile's specs per batch.
+Names are validated by the protocol models (a safe pattern) and are only ever database keys, never paths.
+A replaced profile takes effect at the next batch: the engine resolves a profile's specs per batch. Writes
+run on the store's thread pool; reads hit the in-memory mirror.
 """
 
 from __future__ import annotations
@@ -89,32 +90,33 @@ async def dry_run(services: Services, name: str, body: ProfileBase) -> ProfileDr
     return ProfileDryRun(name=name, matrices=[_report(r) for r in reports])
 
 
-def create_profile(services: Services, name: str, body: ProfileBase) -> ProfilePublic:
+async def create_profile(services: Services, name: str, body: ProfileBase) -> ProfilePublic:
     if name in RESERVED_PROFILES:
         raise _reserved(name, "created")
     plan(services, body.interventions)
     try:
-        stored = services.profiles.put(name, list(body.interventions), body.description, create_only=True)
+        stored = await services.db.run(services.profiles.put, name, list(body.interventions), body.description,
+                                       create_only=True)
     except ProfileExistsError:
         raise ApiError(409, f"profile {name!r} already exists; use PUT /v1/profiles/{name} to replace it",
                        ("body", "name")) from None
     return _public(services, stored)
 
 
-def replace_profile(services: Services, name: str, body: ProfileBase) -> tuple[ProfilePublic, bool]:
+async def replace_profile(services: Services, name: str, body: ProfileBase) -> tuple[ProfilePublic, bool]:
     """Create or replace; returns (profile, created)."""
     if name in RESERVED_PROFILES:
         raise _reserved(name, "replaced")
     plan(services, body.interventions)
     created = services.profiles.get(name) is None
-    stored = services.profiles.put(name, list(body.interventions), body.description)
+    stored = await services.db.run(services.profiles.put, name, list(body.interventions), body.description)
     return _public(services, stored), created
 
 
-def delete_profile(services: Services, name: str) -> ProfileDeleted:
+async def delete_profile(services: Services, name: str) -> ProfileDeleted:
     if name in RESERVED_PROFILES:
         raise _reserved(name, "deleted")
-    if not services.profiles.delete(name):
+    if not await services.db.run(services.profiles.delete, name):
         raise ApiError(404, f"unknown profile {name!r}", ("path", "name"))
     return ProfileDeleted(name=name)
 
@@ -127,7 +129,7 @@ async def _refresh_profiles(services: Services, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            if await asyncio.to_thread(services.profiles.refresh):
+            if await services.db.run(services.profiles.refresh):
                 logger.info("profiles changed elsewhere; reloaded %d", len(services.profiles.list()))
         except Exception:  # a transient backend error must not end the loop
             logger.exception("profile refresh failed")

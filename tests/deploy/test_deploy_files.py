@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -26,8 +27,9 @@ DOCKERFILES = (DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda")
 DEPLOYMENTS = ("deployment.yaml", "deployment-gpu.yaml")
 API_VERSIONS = {
     "Deployment": "apps/v1",
+    "StatefulSet": "apps/v1",
+    "PodDisruptionBudget": "policy/v1",
     "Service": "v1",
-    "PersistentVolumeClaim": "v1",
     "Secret": "v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
@@ -51,6 +53,11 @@ def _container(name: str) -> dict[str, Any]:
 
 def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def _kind(path: Path, kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in _docs(path) if d["kind"] == kind]
+    return doc
 
 
 def _known_metric_names() -> set[str]:
@@ -86,7 +93,7 @@ def test_kustomization_lists_existing_files() -> None:
     for res in kust["resources"]:
         assert (K8S / res).is_file(), res
         kinds.update(d["kind"] for d in _docs(K8S / res))
-    assert {"Deployment", "Service", "PersistentVolumeClaim"} <= kinds
+    assert {"Deployment", "Service", "StatefulSet", "PodDisruptionBudget"} <= kinds
     assert "deployment-gpu.yaml" not in kust["resources"]  # it replaces deployment.yaml, not both
 
 
@@ -117,24 +124,55 @@ def test_env_names_are_settings_and_keys_come_from_the_secret(name: str) -> None
     env = _env(_container(name))
     assert set(env) <= SETTINGS_ENV, set(env) - SETTINGS_ENV
     secret = _one(K8S / "secret.example.yaml")
-    for key in ("LASER_ADMIN_API_KEY", "LASER_API_KEY"):
+    for key in ("LASER_ADMIN_API_KEY", "LASER_API_KEY", "LASER_DATABASE_URL"):
         ref = env[key]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
 
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)
-def test_pvc_is_mounted_at_the_data_dir(name: str) -> None:
+def test_replicas_share_postgres_and_keep_only_derived_data_per_pod(name: str) -> None:
     doc = _one(K8S / name)
     pod = doc["spec"]["template"]["spec"]
     c = _container(name)
-    data_dir = _env(c)["LASER_DATA_DIR"]["value"]
-    claim = _one(K8S / "pvc.yaml")["metadata"]["name"]
+    env = _env(c)
+    assert doc["spec"]["replicas"] >= 2
+    strategy = doc["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    assert env["LASER_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "LASER_DATABASE_URL"
+    assert float(env["LASER_JOB_LEASE_S"]["value"]) <= pod["terminationGracePeriodSeconds"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = [m for m in c["volumeMounts"]
-              if volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == claim]
-    assert [m["mountPath"] for m in mounts] == [data_dir]
-    assert doc["spec"]["replicas"] == 1 and doc["spec"]["strategy"]["type"] == "Recreate"  # RWO + SQLite
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env["LASER_DATA_DIR"]["value"]]
+    assert "emptyDir" in volumes[mount["name"]]  # SVD cache and exports only: derived, per pod
+    assert not any("persistentVolumeClaim" in v for v in volumes.values())
     assert doc["spec"]["selector"]["matchLabels"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+    pdb = _one(K8S / "pdb.yaml")
+    assert pdb["spec"]["minAvailable"] < doc["spec"]["replicas"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_postgres_matches_the_database_url() -> None:
+    """The URL every replica uses reaches postgres.yaml's Service, user, database and password."""
+    secret = _one(K8S / "secret.example.yaml")["stringData"]
+    url = urlsplit(secret["LASER_DATABASE_URL"])
+    service = _kind(K8S / "postgres.yaml", "Service")
+    stateful = _kind(K8S / "postgres.yaml", "StatefulSet")
+    (port,) = service["spec"]["ports"]
+    assert url.scheme == "postgresql" and url.hostname == service["metadata"]["name"] and url.port == port["port"]
+    pod = stateful["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert stateful["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (c,) = pod["spec"]["containers"]
+    env = _env(c)
+    assert env["POSTGRES_USER"]["value"] == url.username and env["POSTGRES_DB"]["value"] == url.path.lstrip("/")
+    ref = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == _one(K8S / "secret.example.yaml")["metadata"]["name"]
+    assert secret[ref["key"]] == url.password
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}[port["targetPort"]] == 5432
+    (claim,) = stateful["spec"]["volumeClaimTemplates"]
+    (mount,) = c["volumeMounts"]
+    assert mount["name"] == claim["metadata"]["name"] and env["PGDATA"]["value"].startswith(mount["mountPath"] + "/")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["exec"]["command"][0] == "pg_isready"
 
 
 def test_gpu_variant() -> None:
@@ -160,7 +198,7 @@ def test_service_and_servicemonitor_select_the_pods() -> None:
 def test_compose_services_and_volumes_are_consistent() -> None:
     compose = _one(DEPLOY / "docker-compose.yml")
     services = compose["services"]
-    assert set(services) == {"laser-serve", "prometheus", "grafana"}
+    assert set(services) == {"postgres", "laser-serve", "prometheus", "grafana"}
     declared = set(compose.get("volumes") or {})
     used = set()
     for name, svc in services.items():
@@ -182,13 +220,27 @@ def test_compose_services_and_volumes_are_consistent() -> None:
     assert env["LASER_ADMIN_API_KEY"] is None and env["LASER_API_KEY"] is None  # passed through, never ""
     data_mounts = [v.split(":")[1] for v in server["volumes"] if v.split(":")[0] in declared]
     assert data_mounts == [env["LASER_DATA_DIR"]]
-    published = {int(p.split(":")[1]) for p in server["ports"]}
-    assert int(env["LASER_PORT"]) in published
+    (ports,) = server["ports"]
+    host_ports, container_port = ports.split(":")
+    first, last = (int(p) for p in host_ports.split("-"))
+    assert int(container_port) == int(env["LASER_PORT"])
+    assert server["deploy"]["replicas"] >= 2 and last - first + 1 == server["deploy"]["replicas"]  # a port each
+
+    # Both replicas on the PostgreSQL service, started once it is healthy.
+    postgres = services["postgres"]
+    pg_env = dict(e.split("=", 1) for e in postgres["environment"])
+    url = urlsplit(env["LASER_DATABASE_URL"])
+    assert url.scheme == "postgresql" and url.hostname == "postgres" and url.port == 5432
+    assert url.username == pg_env["POSTGRES_USER"] and url.path.lstrip("/") == pg_env["POSTGRES_DB"]
+    assert url.password == pg_env["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-laser}"
+    assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
 
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "laser-serve"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"laser-serve:{env['LASER_PORT']}"]
+    (discovery,) = job["dns_sd_configs"]  # every replica, not one of them
+    assert discovery["names"] == ["laser-serve"] and discovery["port"] == int(env["LASER_PORT"])
 
 
 def test_grafana_provisioning_points_at_the_dashboard() -> None:
@@ -214,8 +266,9 @@ def test_dashboard_queries_only_known_metrics() -> None:
     for needed in ("laser_requests_total", "laser_request_duration_seconds_bucket",
                    "laser_queue_duration_seconds_bucket",
                    "laser_inference_duration_seconds_bucket", "laser_time_to_first_token_seconds_bucket",
-                   "laser_prompt_tokens_total", "laser_generated_tokens_total", "laser_profile_swaps_total",
-                   "laser_profile_swap_duration_seconds_bucket", "laser_queue_depth", "laser_active_profile",
+                   "laser_prompt_tokens_total", "laser_generated_tokens_total", "laser_running_rows",
+                   "laser_weight_bytes_written_total", "laser_kv_cache_bytes", "laser_profile_factor_bytes",
+                   "laser_queue_depth", "laser_active_profile",
                    "laser_edit_cache_bytes", "laser_jobs", "laser_job_progress_ratio"):
         assert needed in used, needed
     for e in exprs:

@@ -71,25 +71,31 @@ def test_scoring_on_cuda_bf16_batched_matches_solo_within_bf16_precision(arch: s
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_mixed_profile_rows_on_cuda_match_solo_runs(arch: str) -> None:
-    from laser_ops.mixed import RowOverrides
+def test_per_row_profiles_on_cuda_match_swapped_runs(arch: str) -> None:
+    """Factored per-row profiles on the GPU: each row equals its profile swapped in; no weight is written."""
+    from laser_ops.batching.row_edits import RowRouter, compile_profile
+    from laser_ops.swap import profile_signature
 
     model = make_tiny_model(arch).to("cuda")
     scorer = HFScorer(model, tiny_tokenizer())
     swapper = WeightSwapper(model, svd_cache=SvdCache(model_fingerprint(model), device="cuda"), cache_device="cuda")
-    profiles = {"base": [], "a": [{"target": "mlp", "layer": -1, "rank_fraction": 0.1}]}
+    profiles = {"base": [], "a": [{"target": "mlp", "layer": -1, "rank_fraction": 0.1}],
+                "z": [{"kind": "zero", "target": "attn", "layer": 0}]}
     prompts = ["The capital of France is", "A quick brown fox"]
     solo = {}
     for name, specs in profiles.items():
-        swapper.apply(specs)
-        solo[name] = [r.token_ids for r in scorer.generate([GenerationRequest(prompt=p, max_new_tokens=8)
-                                                             for p in prompts])]
+        with swapper.applied_profile(specs):
+            solo[name] = [r.token_ids for r in scorer.generate([GenerationRequest(prompt=p, max_new_tokens=8)
+                                                                 for p in prompts])]
     assert solo["base"] != solo["a"]
-    # profile "a" is live: base rows need the originals, which come from device copies
-    overrides = {name: swapper.overrides_for(specs) for name, specs in profiles.items()}
-    assert all(t.device.type == "cuda" for o in overrides.values() for t in o.values())
-    rows = RowOverrides(model, {k: v for k, v in overrides.items() if v})
-    reqs = [GenerationRequest(prompt=p, max_new_tokens=8, tag=name) for name in profiles for p in prompts]
-    with rows.installed():
-        mixed = scorer.generate(reqs, before_forward=lambda rs: rows.set_rows([r.tag for r in rs]))
-    assert [r.token_ids for r in mixed] == solo["base"] + solo["a"]
+    router = RowRouter(model)
+    for name, specs in profiles.items():
+        router.add(name, compile_profile(swapper, specs, profile_signature(specs)))
+    written = swapper.bytes_written
+    engine = scorer.batch_engine(router=router)
+    gens = {(n, p): engine.add_generation(GenerationRequest(prompt=p, max_new_tokens=8), scorer.encode(p), tag=n)
+            for p in prompts for n in profiles}
+    engine.run()
+    assert {k: g.result.token_ids for k, g in gens.items()} == {
+        (n, p): solo[n][prompts.index(p)] for n, p in gens}
+    assert swapper.bytes_written == written

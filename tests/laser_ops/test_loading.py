@@ -229,4 +229,6 @@ def test_smollm2_second_load_reuses_the_conversion(smollm2):
     stamp = (converted / "config.json").stat().st_mtime_ns
     again = load_model("smollm2-135m", device="cpu")
     assert again.fingerprint == smollm2.fingerprint and again.converted_from_gguf
+    assert again.fingerprint_cached  # read from beside the converted weights: no second pass over them
+    assert (converted / "laser-fingerprint.json").is_file()
     assert (converted / "config.json").stat().st_mtime_ns == stamp  # not written again

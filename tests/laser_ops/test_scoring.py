@@ -1,4 +1,4 @@
-"""Tests for laser_ops.scoring: lm-eval-style scoring and the KV-cached decode loop, on real (tiny) models."""
+"""Tests for laser_ops.scoring: lm-eval-style scoring and generation on the batching core, on real (tiny) models."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from laser_ops.scoring import (
     HFScorer,
     RollingResult,
     Scorer,
-    _TextTracker,
     rolling_windows,
 )
 from laser_ops.testing import CAUSAL_ARCHS, make_tiny_model, tiny_tokenizer
@@ -149,10 +148,12 @@ def test_batched_loglikelihood_equals_one_at_a_time(arch, tok):
 def test_full_logits_path_agrees_with_lm_head_path(tok):
     fast = HFScorer(_model("gpt2"), tok)
     generic = HFScorer(_model("gpt2"), tok, batch_size=3)
-    generic._head_path = False  # force the logits_to_keep fallback used for logit-post-processing models
+    generic._run().runner._head_path = False  # force the logits_to_keep fallback of logit-post-processing models
     for a, b in zip(fast.loglikelihood(PAIRS), generic.loglikelihood(PAIRS)):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.is_greedy == b.is_greedy
-    assert fast._head_path is True
+    prompts = [GenerationRequest(prompt=p, max_new_tokens=6) for p in PROMPTS]
+    assert [r.token_ids for r in fast.generate(prompts)] == [r.token_ids for r in generic.generate(prompts)]
+    assert fast._run().runner._head_path is True
 
 
 def test_is_greedy_follows_the_argmax(scorer):
@@ -363,20 +364,6 @@ def test_text_decoded_once_at_the_end_equals_the_streamed_text(scorer):
     assert [r.token_ids for r in lazy] == [r.token_ids for r in streamed]
     assert all(r.text for r in lazy)
     assert len(firsts) == len(prompts)  # once per request
-
-
-def test_text_tracker_holds_back_partial_utf8(tok):
-    ids = tok("héllo 😀 wörld", add_special_tokens=False).input_ids
-    tracker = _TextTracker(tok, [], ["wö"])
-    streamed, text, hit = "", "", False
-    for i in ids:
-        text, hit = tracker.push(i)
-        if hit:
-            break
-        streamed += tracker.delta(text, final=False)
-        assert "\ufffd" not in streamed
-    streamed += tracker.delta(text, final=True)
-    assert hit and text == "héllo 😀 " and streamed == text
 
 
 def test_eos_ends_with_stop(scorer):

@@ -167,7 +167,8 @@ def test_disk_round_trip_and_reuse_by_fingerprint(tmp_path):
     w = _gaussian(40, 24, seed=9)
     first = SvdCache("model-A", disk_dir=tmp_path)
     dec = first.get("layers.3.mlp.gate_proj.weight", w)
-    files = list((tmp_path / "model-A").glob("*.safetensors"))
+    assert first.disk_dir == tmp_path / "model-A-float32"
+    files = list(first.disk_dir.glob("*.safetensors"))
     assert len(files) == 1
     stored = load_file(str(files[0]))
     assert torch.equal(stored["U"], dec.U) and torch.equal(stored["S"], dec.S) and torch.equal(stored["Vh"], dec.Vh)
@@ -191,8 +192,9 @@ def test_disk_round_trip_and_reuse_by_fingerprint(tmp_path):
 
 def test_a_corrupt_disk_file_is_a_miss_not_an_error(tmp_path):
     w = _gaussian(16, 12)
-    SvdCache("fp", disk_dir=tmp_path).get("a", w)
-    (path,) = (tmp_path / "fp").glob("*.safetensors")
+    first = SvdCache("fp", disk_dir=tmp_path)
+    first.get("a", w)
+    (path,) = first.disk_dir.glob("*.safetensors")
     path.write_bytes(b"not a safetensors file")
     cache = SvdCache("fp", disk_dir=tmp_path)
     dec = cache.get("a", w)
@@ -203,14 +205,14 @@ def test_a_corrupt_disk_file_is_a_miss_not_an_error(tmp_path):
 def test_disk_byte_bound_prunes_old_files(tmp_path):
     cache = SvdCache("fp", disk_dir=tmp_path)
     cache.get("probe", _gaussian(32, 32))
-    (probe,) = (tmp_path / "fp").glob("*.safetensors")
+    (probe,) = cache.disk_dir.glob("*.safetensors")
     size = probe.stat().st_size
     probe.unlink()
 
     bounded = SvdCache("fp", disk_dir=tmp_path, max_disk_bytes=int(2.5 * size))
     for i in range(5):
         bounded.get(f"m{i}", _gaussian(32, 32, seed=i))
-        files = list((tmp_path / "fp").glob("*.safetensors"))
+        files = list(bounded.disk_dir.glob("*.safetensors"))
         assert sum(f.stat().st_size for f in files) <= bounded.max_disk_bytes
         assert len(files) == min(i + 1, 2)
     # the most recent one survived and is reused by a new instance
@@ -219,6 +221,31 @@ def test_disk_byte_bound_prunes_old_files(tmp_path):
     assert fresh.disk_hits == 1 and fresh.computed == 0
     fresh.get("m0", _gaussian(32, 32, seed=0))
     assert fresh.computed == 1
+
+
+def test_precision_is_part_of_the_disk_key(tmp_path):
+    """float64 factors of a matrix are never served to a float32 cache of the same model, nor the reverse."""
+    w = _gaussian(24, 16, seed=3)
+    SvdCache("fp", disk_dir=tmp_path).get("a", w)
+    f64 = SvdCache("fp", disk_dir=tmp_path, precision=torch.float64)
+    dec = f64.get("a", w)
+    assert f64.computed == 1 and f64.disk_hits == 0 and dec.S.dtype == torch.float64
+    again = SvdCache("fp", disk_dir=tmp_path, precision=torch.float64)
+    assert again.get("a", w).S.dtype == torch.float64 and again.disk_hits == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp-float32", "fp-float64"]
+
+
+def test_disk_bound_covers_every_model_under_the_root(tmp_path):
+    """Factors of a model no longer served (another fingerprint) are pruned first, not kept forever."""
+    old = SvdCache("old-model", disk_dir=tmp_path)
+    for i in range(3):
+        old.get(f"m{i}", _gaussian(32, 32, seed=i))
+    size = next(old.disk_dir.glob("*.safetensors")).stat().st_size
+    new = SvdCache("new-model", disk_dir=tmp_path, max_disk_bytes=int(2.5 * size))
+    new.get("m0", _gaussian(32, 32, seed=7))
+    remaining = list(tmp_path.glob("*/*.safetensors"))
+    assert sum(f.stat().st_size for f in remaining) <= new.max_disk_bytes
+    assert len(list(new.disk_dir.glob("*.safetensors"))) == 1  # the newest file survives
 
 
 def test_clear_forgets_memory_but_not_disk(tmp_path):

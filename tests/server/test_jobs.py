@@ -8,6 +8,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,16 @@ def wait(c, job_id: str, until=lambda j: j["state"] in TERMINAL, timeout: float 
     raise AssertionError(f"job {job_id} did not get there in {timeout}s: {j['state']} {j['done']}/{j['total']}")
 
 
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, dict]]:
+    """(event name, data) pairs of a server-sent event stream."""
+    name = None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[6:])
+
+
 def manager(srv: LiveServer):
     return srv.app.state.services.extras["jobs"]
 
@@ -96,6 +107,9 @@ def test_job_accuracy_equals_library_scoring(live: LiveServer, kind: str) -> Non
     job = wait(c, job["id"])
     assert job["state"] == "succeeded", job["error"]
     assert job["done"] == job["total"] == 10 and job["stopped"] == "completed"
+    info = c.get("/info").json()
+    assert job["model_fingerprint"] == info["fingerprint"] and job["model_id"] == info["model_id"]
+    assert job["owner"] == manager(live).owner and job["heartbeat_at"] is not None
 
     # Independent scoring through the library: same data, same split, a fresh copy of the same model.
     dataset = parse_jsonl(jsonl(rows), "toy")
@@ -234,13 +248,15 @@ def test_resume_after_restart_skips_finished_steps(tmp_path: Path) -> None:
         hold_after(srv, 2, threading.Event())  # never released: the server stops mid-job (base + fc_in@1 done)
         job = start(srv.client, dataset="toy", **SMALL)
         before = wait(srv.client, job["id"], lambda j: j["done"] >= 3)
-        assert before["state"] == "running" and before["done"] == 3
+        assert before["state"] == "running" and before["done"] == 3 and before["owner"] == manager(srv).owner
     finally:
         srv.stop()
     srv = start_server(tmp_path, tiny_loaded())
     try:
+        # The stopped server gave the job back: the new one resumes it at once (no lease to wait out).
         after = wait(srv.client, job["id"])
         assert after["state"] == "succeeded" and after["done"] == after["total"] == 10
+        assert after["owner"] == manager(srv).owner != before["owner"]
         assert manager(srv).rows_run == 10 - 3  # finished configs were not rerun
         assert after["rows"][:3] == before["rows"][:3]  # same rows, same timings: loaded, not recomputed
         assert len({r["key"] for r in after["rows"]}) == 10
@@ -297,13 +313,9 @@ def test_plot_events_and_metrics(live: LiveServer) -> None:
     events: list[tuple[str, dict]] = []
     with c.stream("GET", f"/v1/jobs/{job['id']}/events") as s:
         assert s.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in s.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
-                gate.set()
+        for event in sse_events(s.iter_lines()):
+            events.append(event)
+            gate.set()
     progress = [e for n, e in events if n == "progress"]
     assert events[-1][0] == "state" and events[-1][1]["state"] == "succeeded"
     dones = [e["done"] for e in progress]

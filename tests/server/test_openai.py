@@ -142,6 +142,8 @@ def test_an_ending_eos_is_listed_in_logprobs(srv: LiveServer, monkeypatch: pytes
     first = scorer.prompt_logprobs([ids + [0]], top_n=1)[0].top_logprobs[-1]
     token = max(first, key=first.__getitem__)
     monkeypatch.setattr(scorer, "eos_token_ids", {*scorer.eos_token_ids, token})
+    batch = srv.app.state.services.engine.batch  # the engine's decode loop stops on the same ids
+    monkeypatch.setattr(batch, "eos_token_ids", scorer.eos_token_ids)
     body = {"model": "base", "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
     for choice in (srv.client.post("/v1/completions", json=body).json()["choices"][0], _echo_stream_last(srv, body)):
         assert choice["text"] == PROMPT and choice["finish_reason"] == "stop"

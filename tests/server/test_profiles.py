@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
+import sqlite3
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
 from laser_ops.testing import save_tiny_model
-from tests.server.conftest import LiveServer, free_port, start_server, tiny_loaded, wait_until
+from tests.server.conftest import LiveServer, ServerProcess, start_server, tiny_loaded, wait_until
 
 P1 = [{"kind": "laser", "target": "fc_in", "layer": 1, "rank_fraction": 0.1}]
 P2 = [{"kind": "zero", "target": "fc_out", "layer": 0}]
@@ -140,48 +137,21 @@ def test_profiles_survive_an_app_restart(tmp_path: Path) -> None:
         srv.stop()
 
 
-def _spawn(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--data-dir", str(data_dir),
-           "--port", str(port), "--device", "cpu", "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server did not become ready")
-
-
 def test_profiles_survive_kill_9(tmp_path: Path) -> None:
     """A separate server process is SIGKILLed right after the create answers; the restart finds the profile."""
     model_dir = Path(save_tiny_model("llama", str(tmp_path / "model")))
     data_dir = tmp_path / "data"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _spawn(model_dir, data_dir, port)
+    flags = ("--log-level", "warning")
+    srv = ServerProcess.spawn(model_dir, data_dir, *flags, log=tmp_path / "server.log").wait_ready()
     try:
-        _wait_ready(proc, url)
-        r = httpx.post(f"{url}/v1/profiles", json={"name": "durable", "interventions": P1}, timeout=30)
+        r = httpx.post(f"{srv.url}/v1/profiles", json={"name": "durable", "interventions": P1}, timeout=30)
         assert r.status_code == 201, r.text
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-        proc = _spawn(model_dir, data_dir, port)
-        _wait_ready(proc, url)
-        r = httpx.get(f"{url}/v1/profiles/durable", timeout=30)
+        srv.kill()
+        srv = ServerProcess.spawn(model_dir, data_dir, *flags, log=tmp_path / "server.log").wait_ready()
+        r = httpx.get(f"{srv.url}/v1/profiles/durable", timeout=30)
         assert r.status_code == 200 and r.json()["matrices"] == 1
     finally:
-        proc.kill()
-        proc.wait(30)
+        srv.kill()
 
 
 def test_replicas_sharing_a_store_see_each_others_profiles(tmp_path: Path) -> None:
@@ -200,3 +170,36 @@ def test_replicas_sharing_a_store_see_each_others_profiles(tmp_path: Path) -> No
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_locked_store_stalls_no_other_request(live: LiveServer) -> None:
+    """Another process holds the SQLite write lock: a profile write waits for it on the store's threads while
+    health, reads and generation keep answering on the event loop; the write lands once the lock is free."""
+    services = live.app.state.services
+    backend = services.profiles.backend
+    entered = threading.Event()
+    real_upsert = backend.upsert
+
+    def upsert(*args, **kwargs):
+        entered.set()
+        return real_upsert(*args, **kwargs)
+
+    backend.upsert = upsert
+    holder = sqlite3.connect(services.db.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    answers: list[httpx.Response] = []
+    writer = threading.Thread(target=lambda: answers.append(
+        httpx.put(f"{live.url}/v1/profiles/late", json={"interventions": P1}, timeout=120)))
+    try:
+        writer.start()
+        assert entered.wait(60)  # the write is now waiting for the lock
+        assert live.client.get("/health").status_code == 200
+        assert live.client.get("/v1/profiles").status_code == 200
+        g = live.client.post("/v1/generate", json={"prompt": "Paris is", "max_new_tokens": 2})
+        assert g.status_code == 200
+        assert writer.is_alive() and not answers  # all of that answered while the write still waited
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    writer.join(120)
+    assert answers[0].status_code == 201 and live.client.get("/v1/profiles/late").status_code == 200
