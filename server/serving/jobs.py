@@ -357,8 +357,9 @@ class JobManager:
                 live.cancel.set()  # cancelled or taken over: these rows are not ours to store
                 break
             self.rows_run += len(recorded)
-            logger.info("job %s: step %s stored (%d rows done, %.2f s)", job.id, step.key, len(live.persisted),
-                        sum(r.seconds for r in rows))
+            for row in recorded:  # one line per stored row (key): operators and tests read them
+                logger.info("job %s: step %s stored (%d done, %.2f s)", job.id, row.key, len(live.persisted),
+                            row.seconds)
             await self._after_step(job.id, recorded[-1])
 
     async def _run_on_ray(self, live: _Live, address: str, config: SweepConfig, dataset: Dataset,
@@ -377,6 +378,9 @@ class JobManager:
                 pool.close()
                 return
             self.rows_run += len(rows)
+            for row in rows:
+                logger.info("job %s: step %s stored on Ray (%d done, %.2f s)", live.job.id, row.key,
+                            len(live.persisted), row.seconds)
 
         try:
             await asyncio.to_thread(run_steps, runner, self.services.swapper.targets, pool.submit,

@@ -36,6 +36,7 @@ from tests.server.test_jobs import SMALL, sse_events, toy_rows, upload
 LEASE_S = 3.0
 REFRESH_S = 0.2
 HOLD_AFTER = 2
+HELD_ROWS = 3  # rows stored by then: base, then both rho of fc_in@1 (one step scores all rho of a matrix)
 TERMINAL = ("succeeded", "failed", "cancelled")
 DEADLINE_S = 120.0
 
@@ -110,8 +111,8 @@ class Cluster:
     def held(self, via: Replica, job_id: str) -> tuple[dict[str, Any], Replica]:
         """Wait until the job is held by its owner after its 2nd step; (job, owner)."""
         job = wait_for(f"job {job_id} to store {HOLD_AFTER} steps",
-                       lambda: (j := via.job(job_id))["done"] >= HOLD_AFTER and j["owner"] and j)
-        assert job["state"] == "running" and job["done"] == HOLD_AFTER, job
+                       lambda: (j := via.job(job_id))["done"] >= HELD_ROWS and j["owner"] and j)
+        assert job["state"] == "running" and job["done"] == HELD_ROWS, job
         return job, self.owner_of(job)
 
     def stop(self) -> None:
@@ -224,12 +225,12 @@ def test_a_cancel_sent_to_either_server_stops_the_job(cluster: Cluster, via: str
     assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
     cluster.release(owner, job_id)
     wait_for("the owner to stop and settle the cancelled job",
-             lambda: f"job {job_id}: cancelled after {HOLD_AFTER} stored step(s)" in owner.server.log_text())
+             lambda: f"job {job_id}: cancelled after {HELD_ROWS} stored step(s)" in owner.server.log_text())
     for r in cluster.alive():
         job = r.job(job_id)
-        assert job["state"] == "cancelled" and job["done"] == HOLD_AFTER and job["stopped"] == "cancelled"
-        assert len(job["rows"]) == HOLD_AFTER
-    assert len(owner.stored(job_id)) == HOLD_AFTER  # nothing stored after the cancel
+        assert job["state"] == "cancelled" and job["done"] == HELD_ROWS and job["stopped"] == "cancelled"
+        assert len(job["rows"]) == HELD_ROWS
+    assert len(owner.stored(job_id)) == HELD_ROWS  # nothing stored after the cancel
     assert sender.client.delete(f"/v1/jobs/{job_id}").status_code == 409
 
 
@@ -248,7 +249,7 @@ def test_kill_9_of_the_owner_the_other_finishes_after_the_lease(cluster: Cluster
                           r"([\d.]+) s ago", survivor.server.log_text())
     assert took_over is not None and float(took_over.group(1)) >= LEASE_S  # only once the lease had lapsed
     before, after = owner.stored(job_id), survivor.stored(job_id)
-    assert len(before) == HOLD_AFTER and not set(before) & set(after)  # nothing recomputed
+    assert len(before) == HELD_ROWS and not set(before) & set(after)  # nothing recomputed
     assert sorted(before + after) == sorted(r["key"] for r in final["rows"])  # every step stored exactly once
 
 
@@ -269,7 +270,7 @@ def test_a_model_change_fails_the_resumed_job(cluster: Cluster) -> None:
         assert fingerprint != job["model_fingerprint"]
         assert final["state"] == "failed" and "resuming would mix results of different weights" in final["error"]
         assert job["model_fingerprint"][:16] in final["error"] and fingerprint[:16] in final["error"]
-        assert final["done"] == HOLD_AFTER and final["owner"] == changed.app.state.services.extras["jobs"].owner
+        assert final["done"] == HELD_ROWS and final["owner"] == changed.app.state.services.extras["jobs"].owner
         assert changed.app.state.services.extras["jobs"].rows_run == 0  # nothing computed on other weights
     finally:
         changed.stop()
