@@ -235,6 +235,7 @@ class SweepRunner:
         """Store finished rows (deltas against base, guards and merges are applied here) and report progress."""
         batch = [rows] if isinstance(rows, SweepRow) else list(rows)
         seconds = sum(r.seconds for r in batch)
+        stored = []
         for row in batch:
             old = self.rows.get(row.key)
             if (row.role == "config" and old is not None and old.val_indices is not None
@@ -245,10 +246,12 @@ class SweepRunner:
             if old is None:
                 self._step_no += 1
             self.rows[row.key] = row
+            stored.append(row)
             logger.info("sweep step %s: acc=%s n=%s logloss=%s%s", row.key, row.val_accuracy, row.val_n,
                         row.val_log_loss, " (collapsed)" if row.collapsed else "")
         self._ran.append((seconds, self._cost_of(batch)))
-        self._emit(batch[-1] if batch else None)
+        for row in stored:  # one progress event per row, so a live table or heatmap fills every cell
+            self._emit(row)
 
     def _against_base(self, row: SweepRow) -> None:
         base = self.base

@@ -182,7 +182,7 @@ def test_sweep_started_from_the_page_fills_the_heatmap_cell_by_cell_and_shows_a_
     data = tmp_path / "toy.jsonl"
     data.write_text(_toy_jsonl(40))
     gate = threading.Event()
-    _hold_after(server, 3, gate)  # base + 2 configs, then wait
+    _hold_after(server, 2, gate)  # base, then both rho of fc_in@0 (one step scores all rho of a matrix), then wait
     try:
         open_ui(page, server.url, "sweeps")
         page.get_by_label("File", exact=True).set_input_files(data)
