@@ -465,9 +465,9 @@ class JobManager:
         if base is not None and best is not None:
             beats = (best.val_accuracy or 0.0) > (base.val_accuracy or 0.0)
         total = job.total
-        done = len(rows)
+        done = len(rows)  # what is stored (live progress may be ahead of the store)
         if live is not None and live.progress is not None:
-            total, done = live.progress.total, live.progress.done
+            total = live.progress.total
         verdict = test.verdict if test is not None else None
         if job.state == "cancelled" and verdict is None:
             verdict = f"cancelled after {done} of {total} steps; the best config so far is promotable"
