@@ -92,6 +92,8 @@ class GenerationRequest:
     ``on_text`` receives text deltas as they are decoded (their concatenation is the final text);
     ``is_cancelled`` is polled before the prompt is processed and before every token. ``logprobs`` (N) records the chosen token's log-prob and the
     top-N alternatives under the model's raw distribution (before temperature and filtering).
+    ``on_delta`` is ``on_text`` with the tokens that produced each piece (:class:`GenerationDelta`), so a
+    stream can send each delta's log-probs with it; the deltas' tokens together are the result's tokens.
     """
 
     prompt: str | None = None
@@ -106,6 +108,7 @@ class GenerationRequest:
     is_cancelled: Callable[[], bool] | None = None
     logprobs: int | None = None
     on_first_token: Callable[[], None] | None = None  # called once, when the first token is chosen (TTFT)
+    on_delta: Callable[[GenerationDelta], None] | None = None
     tag: Hashable = None  # opaque to the scorer; reported to ``before_forward`` (e.g. the row's profile)
 
     def __post_init__(self) -> None:
@@ -114,8 +117,8 @@ class GenerationRequest:
             raise ValueError("GenerationRequest needs exactly one of prompt or prompt_ids")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -124,6 +127,18 @@ class GenerationRequest:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """One streamed piece of text and the tokens decoded since the previous piece (with their log-probs when
+    the request asked for them). A piece may hold several tokens: text is held back while a token ends inside
+    a multi-byte character or could begin a stop string."""
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -436,7 +451,8 @@ class _GenState:
         self.prompt = prompt
         self.tracker = _TextTracker(tokenizer, prompt[-1:], req.stop)
         # Text is decoded every step only for stop strings and streaming; otherwise once at the end.
-        self.needs_text = bool(self.tracker.stop) or req.on_text is not None
+        self.needs_text = bool(self.tracker.stop) or req.on_text is not None or req.on_delta is not None
+        self.delivered = 0  # tokens already sent with an on_delta piece
         self.text = ""
         self.finish: Literal["stop", "length", "cancelled"] | None = None
         self.logprobs: list[float] = []
@@ -463,6 +479,13 @@ class _GenState:
         piece = self.tracker.delta(self.text, final)
         if piece and self.req.on_text is not None:
             self.req.on_text(piece)
+        on_delta = self.req.on_delta
+        n = len(self.tracker.ids)
+        if on_delta is not None and (piece or (final and n > self.delivered)):
+            start, self.delivered = self.delivered, n
+            want = self.req.logprobs is not None
+            on_delta(GenerationDelta(piece, self.tracker.ids[start:n], self.logprobs[start:n] if want else None,
+                                     self.top[start:n] if want else None))
 
     def cancelled(self) -> bool:
         return self.req.is_cancelled is not None and bool(self.req.is_cancelled())
@@ -484,15 +507,19 @@ def _sample(logits: torch.Tensor, req: GenerationRequest, generator: torch.Gener
     """Pick the next token from one row of float logits with this request's settings."""
     if req.temperature == 0 or generator is None:
         return int(torch.argmax(logits))
-    scores = logits / req.temperature
+    # In float64 and shifted so the top logit is 0: dividing by a tiny temperature (1e-38, even a subnormal
+    # 1e-320) sends every other score to -inf instead of overflowing to inf and NaN; the top token stays.
+    scores = (logits.double() - logits.max()) / req.temperature
     if req.top_k > 0 and req.top_k < scores.numel():
         kth = torch.topk(scores, req.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, -math.inf)
     if req.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=True)
         probs = torch.softmax(sorted_scores, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays, even for a
+        # top_p so small (1e-320) that it rounds to 0.
         drop = (torch.cumsum(probs, dim=-1) - probs) >= req.top_p
+        drop[0] = False
         scores = scores.scatter(0, order[drop], -math.inf)
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 
 from laser_ops.interventions import InterventionSpec
 from laser_ops.mixed import RowOverrides
-from laser_ops.scoring import GenerationRequest, GenerationResult, Scorer
+from laser_ops.scoring import GenerationDelta, GenerationRequest, GenerationResult, Scorer
 from laser_ops.swap import WeightSwapper
 
 from server.metrics import Metrics
@@ -153,6 +153,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        """Queued requests (each may hold several prompts or continuations)."""
         return self._pending
 
     # -- submission (event loop side) ------------------------------------------------------------
@@ -177,11 +178,11 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("server is shutting down")
-            if op != "task" and self._pending + size > self.max_queue:
+            if op != "task" and self._pending >= self.max_queue:
                 self.metrics.rejected.labels(profile or "").inc()
                 raise EngineOverloaded(self._retry_after())
             self._lanes.setdefault(lane_key, deque()).append(item)
-            self._pending += size
+            self._pending += 1  # the bound counts requests; ``size`` (rows) only shapes batches
             self.metrics.queue_depth.set(self._pending)
             self._cond.notify()
         try:
@@ -198,9 +199,9 @@ class Engine:
             item.cancelled.set()
             raise
 
-    def check_capacity(self, size: int = 1) -> None:
-        """Raise :class:`EngineOverloaded` if ``size`` more queued requests would not fit right now."""
-        if self._pending + size > self.max_queue:
+    def check_capacity(self) -> None:
+        """Raise :class:`EngineOverloaded` if one more queued request would not fit right now."""
+        if self._pending >= self.max_queue:
             raise EngineOverloaded(self._retry_after())
 
     def _retry_after(self) -> float:
@@ -210,17 +211,23 @@ class Engine:
     async def generate(self, profile: str, requests: list[GenerationRequest], **kw: Any) -> list[GenerationResult]:
         return await self.submit(profile, "generate", requests, size=len(requests), **kw)
 
-    async def generate_stream(self, profile: str, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
-        """Yield text deltas as they are decoded, then the final :class:`GenerationResult`.
+    async def generate_stream(self, profile: str, request: GenerationRequest
+                              ) -> AsyncIterator[str | GenerationDelta | GenerationResult]:
+        """Yield text deltas as they are decoded (a :class:`GenerationDelta` with each piece's tokens and
+        log-probs when the request asks for log-probs, else the text), then the final :class:`GenerationResult`.
 
         Closing the iterator early (client gone) cancels the request on the engine.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str] = asyncio.Queue()
+        queue: asyncio.Queue[str | GenerationDelta] = asyncio.Queue()
         cancelled = threading.Event()
-        req = replace(request, on_text=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+
+        def push(delta: str | GenerationDelta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        req = replace(request, on_delta=push) if request.logprobs is not None else replace(request, on_text=push)
         task = asyncio.ensure_future(self.submit(profile, "generate", [req], cancelled=cancelled))
-        getter: asyncio.Future[str] | None = None
+        getter: asyncio.Future[str | GenerationDelta] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -300,7 +307,7 @@ class Engine:
                 self._lanes[k] = rest
             else:
                 del self._lanes[k]
-        self._pending -= sum(i.size for i in batch)
+        self._pending -= len(batch)
         self.metrics.queue_depth.set(self._pending)
         return batch
 

@@ -59,9 +59,9 @@ def _check_positions(services: Services, n_prompt: int, max_new: int, loc: Loc) 
                             f"{limit} positions", loc)
 
 
-def _admit(services: Services, size: int) -> None:
+def _admit(services: Services) -> None:
     """429 before a stream starts (afterwards the status is already sent)."""
-    services.engine.check_capacity(size)
+    services.engine.check_capacity()
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -118,7 +118,7 @@ async def generate_stream(services: Services, request: Request, body: GenerateRe
     """
     profile = resolve_profile(services, request, body.profile)
     [req] = _generation_requests(services, body, ("body",))
-    _admit(services, 1)
+    _admit(services)
 
     async def events() -> AsyncIterator[str]:
         try:

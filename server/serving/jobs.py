@@ -32,6 +32,7 @@ from server.errors import ApiError
 from server.protocol.jobs import (
     TERMINAL_STATES,
     Accuracy,
+    JobDeleted,
     JobList,
     JobProgress,
     JobPublic,
@@ -182,6 +183,12 @@ class JobStore:
         with self.db.connect() as con:
             rs = con.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
         return {r["state"]: r["n"] for r in rs}
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a finished job and its rows; False if it is unknown or not finished."""
+        with self.db.transaction() as con:
+            return con.execute("DELETE FROM jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled')",
+                               (job_id,)).rowcount > 0
 
     def active_using(self, dataset: str) -> list[str]:
         with self.db.connect() as con:
@@ -398,6 +405,21 @@ class JobManager:
         assert job is not None
         return job
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job (409 while it is queued, running, or still ending its last step)."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
+        live = self._live
+        if not job.terminal or (live is not None and live.job_id == job_id):
+            raise ApiError(409, f"job {job_id} is {job.state}"
+                           + ("" if job.terminal else f"; cancel it first (POST /v1/jobs/{job_id}/cancel)")
+                           + (" and still ending its current step; retry shortly" if job.terminal else ""),
+                           ("path", "job_id"))
+        if not self.store.delete(job_id):
+            raise ApiError(409, f"job {job_id} changed state; retry", ("path", "job_id"))
+        self._refresh_metrics()
+
     def in_use(self, dataset: str) -> list[str]:
         return self.store.active_using(dataset)
 
@@ -586,6 +608,11 @@ def get_job(services: Services, job_id: str) -> JobPublic:
 def cancel_job(services: Services, job_id: str) -> JobPublic:
     m = manager(services)
     return m.view(m.cancel(job_id))
+
+
+async def delete_job(services: Services, job_id: str) -> JobDeleted:
+    await asyncio.to_thread(manager(services).delete, job_id)
+    return JobDeleted(id=job_id)
 
 
 async def events(services: Services, job_id: str,
