@@ -133,10 +133,12 @@ def test_job_accuracy_equals_library_scoring(live: LiveServer, kind: str) -> Non
 
 @pytest.mark.parametrize(("patch", "status", "loc", "needle"), [
     ({"layers": [7]}, 422, ["body", "layers"], "allowed: 0..2"),
-    ({"layers": []}, 422, ["body", "layers"], "must not be empty"),
+    ({"layers": []}, 422, ["body", "layers"], "at least 1 item"),
+    ({"layers": [True]}, 422, ["body", "layers"], "valid integer"),
+    ({"seed": 2**64}, 422, ["body", "seed"], "less than or equal to 9223372036854775807"),
     ({"types": ["fc_xx"]}, 422, ["body", "types"], "allowed"),
-    ({"rhos": [0.5, 1.5]}, 422, ["body", "rhos"], "allowed (0, 1]"),
-    ({"rhos": []}, 422, ["body", "rhos"], "(0, 1]"),
+    ({"rhos": [0.5, 1.5]}, 422, ["body", "rhos", 1], "less than or equal to 1"),
+    ({"rhos": []}, 422, ["body", "rhos"], "at least 1 item"),
     ({"dataset": "nope"}, 404, ["body", "dataset"], "unknown dataset"),
     ({"dataset": "../etc"}, 422, ["body", "dataset"], "pattern"),
     ({"validation_fraction": 1.5}, 422, ["body", "validation_fraction"], "less than 1"),
@@ -174,22 +176,40 @@ def test_cancel_running_and_queued_jobs(live: LiveServer) -> None:
     assert f'laser_job_progress_ratio{{job="{first["id"]}"}} 0.2' in metrics
     assert 'laser_jobs{state="running"} 1.0' in metrics and 'laser_jobs{state="queued"} 1.0' in metrics
 
-    r = c.delete(f"/v1/jobs/{second['id']}")
+    assert c.delete(f"/v1/jobs/{first['id']}").status_code == 409  # running: cancel first, then delete
+    r = c.post(f"/v1/jobs/{second['id']}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    r = c.post(f"/v1/jobs/{first['id']}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     r = c.delete(f"/v1/jobs/{first['id']}")
-    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert r.status_code == 409 and "still ending" in r.text  # its step is held on the engine
     gate.set()
-    time.sleep(0.3)
+    wait_for(lambda: manager(live)._live is None)
     job = c.get(f"/v1/jobs/{first['id']}").json()
     assert job["state"] == "cancelled" and job["done"] == 2 and job["test"] is None  # rows kept, no more steps
     assert [r["key"] for r in job["rows"]][:2] == ["base", "laser:fc_in:1:0.5"]
     assert c.get(f"/v1/jobs/{second['id']}").json()["rows"] == []
-    assert c.delete(f"/v1/jobs/{first['id']}").status_code == 409
+    assert c.post(f"/v1/jobs/{first['id']}/cancel").status_code == 409
     assert c.delete("/v1/datasets/toy").status_code == 200  # no unfinished job uses it any more
     states = {j["id"]: j["state"] for j in c.get("/v1/jobs").json()["data"]}
     assert states == {first["id"]: "cancelled", second["id"]: "cancelled"}
     metrics = c.get("/metrics").text
     assert 'laser_jobs{state="cancelled"} 2.0' in metrics and "laser_job_progress_ratio{" not in metrics
+    # Finished jobs can be deleted (they would pile up forever otherwise); their rows go with them.
+    r = c.delete(f"/v1/jobs/{first['id']}")
+    assert r.status_code == 200 and r.json() == {"id": first["id"], "deleted": True}
+    assert c.get(f"/v1/jobs/{first['id']}").status_code == 404
+    assert c.delete(f"/v1/jobs/{first['id']}").status_code == 404
+    assert [j["id"] for j in c.get("/v1/jobs").json()["data"]] == [second["id"]]
+    assert 'laser_jobs{state="cancelled"} 1.0' in c.get("/metrics").text
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
 
 
 def test_dataset_in_use_cannot_be_deleted(live: LiveServer) -> None:
@@ -215,7 +235,8 @@ def test_failed_job_reports_its_error(live: LiveServer) -> None:
     job = wait(c, start(c, dataset="toy", **SMALL)["id"])
     assert job["state"] == "failed" and job["error"] == "RuntimeError: disk on fire" and job["finished_at"]
     assert [r["key"] for r in job["rows"]] == ["base"]  # the finished step is kept
-    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 409
+    assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 200
 
 
 def test_resume_after_restart_skips_finished_steps(tmp_path: Path) -> None:
@@ -273,7 +294,7 @@ def test_no_winner_cannot_be_promoted_or_plotted(live: LiveServer) -> None:
     hold_after(live, 1, gate)
     job = start(c, dataset="toy", **SMALL)
     wait(c, job["id"], lambda j: j["done"] >= 1)
-    c.delete(f"/v1/jobs/{job['id']}")
+    c.post(f"/v1/jobs/{job['id']}/cancel")
     gate.set()
     r = c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "w"})
     assert r.status_code == 409 and "no winning config" in r.text
@@ -326,7 +347,7 @@ def test_inference_is_served_while_a_sweep_runs(live: LiveServer) -> None:
         assert g.status_code == 200
     j = c.get(f"/v1/jobs/{job['id']}").json()
     assert j["state"] == "running" and j["done"] < j["total"]  # answered while the sweep was still running
-    assert c.delete(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+    assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
 
 
 def test_admin_key_guards_jobs(tmp_path: Path) -> None:
