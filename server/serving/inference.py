@@ -37,7 +37,13 @@ from server.protocol.inference import (
     TextDiff,
     GenerateUsage,
 )
-from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens, resolve_profile
+from server.serving.common import (
+    check_new_tokens,
+    check_prompt_chars,
+    check_prompt_tokens,
+    profile_ready,
+    resolve_profile,
+)
 from server.state import Services
 
 T = TypeVar("T")
@@ -102,6 +108,7 @@ async def _run_generate(services: Services, profile: str, params: GenerateParams
 
 async def generate(services: Services, request: Request, body: GenerateRequest) -> GenerateResponse:
     profile = resolve_profile(services, request, body.profile)
+    await profile_ready(services, profile)
     return await _run_generate(services, profile, body, ("body",), request.is_disconnected)
 
 
@@ -118,6 +125,7 @@ async def generate_stream(services: Services, request: Request, body: GenerateRe
     """
     profile = resolve_profile(services, request, body.profile)
     [req] = _generation_requests(services, body, ("body",))
+    await profile_ready(services, profile)
     _admit(services)
 
     async def events() -> AsyncIterator[str]:
@@ -177,6 +185,7 @@ async def _run_score(services: Services, profile: str, params: ScoreParams, loc:
 
 async def score(services: Services, request: Request, body: ScoreRequest) -> ScoreResponse:
     profile = resolve_profile(services, request, body.profile)
+    await profile_ready(services, profile)
     return await _run_score(services, profile, body, ("body",), request.is_disconnected)
 
 
@@ -226,6 +235,8 @@ def _score_diff(profiles: list[str], answers: list[ScoreResponse]) -> list[Score
 async def compare(services: Services, request: Request, body: CompareRequest) -> CompareResponse:
     profiles = [resolve_profile(services, request, p, loc=("body", "profiles", i)) for i, p in enumerate(body.profiles)]
     request.state.profile = "*"  # spans several profiles; the engine's own metrics carry each one
+    for profile in profiles:
+        await profile_ready(services, profile)
     disconnected = request.is_disconnected
     if body.generate is not None:
         params = body.generate

@@ -691,4 +691,5 @@ def promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePub
         f"promoted from sweep {job_id} on {job.dataset}: {best.key}, validation accuracy "
         f"{pct(best)} (base {pct(base)})")
     services.profiles.put(body.name, specs, description)
+    services.decomposer.prepare_profile(body.name, specs)
     return profiles_serving.get_profile(services, body.name)

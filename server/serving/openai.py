@@ -50,7 +50,7 @@ from server.protocol.openai import (
     TopLogprob,
     Usage,
 )
-from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens
+from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens, profile_ready
 from server.state import Services
 
 DEFAULT_COMPLETION_TOKENS = 16
@@ -589,6 +589,7 @@ async def create_completion(services: Services, request: Request,
                             body: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
     """Validate, then either run to a response or hand back the SSE stream."""
     job = _Completion(services, request, body)
+    await profile_ready(services, job.profile)
     if body.stream:
         services.engine.check_capacity()  # 429 while a status can still be sent
         return job.stream()
@@ -714,6 +715,7 @@ class _Chat:
 async def create_chat_completion(services: Services, request: Request,
                                  body: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
     job = _Chat(services, request, body)
+    await profile_ready(services, job.profile)
     if body.stream:
         services.engine.check_capacity()  # 429 while a status can still be sent
         return job.stream()
