@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from laser_ops.spectral import mp_rank
 from laser_ops.svd import Decomposition
 from laser_ops.targets import GROUPS, TYPES, ModelTargets, TargetError, TargetRef
-from laser_ops.validation import REQUEST_CONFIG
+from laser_ops.validation import REQUEST_CONFIG, Int, IntRange
 
 EditKindName = Literal["laser", "laser_mp", "keep_bottom", "random_basis", "prune_magnitude", "zero"]
 _RANKED = ("laser", "keep_bottom", "random_basis")
@@ -51,7 +51,7 @@ _LAYER_STRING = re.compile(LAYER_STRING_PATTERN)
 MAX_SEED = 2**63 - 1
 
 LayerSpec = Annotated[
-    StrictInt | Annotated[list[StrictInt], Field(min_length=1, max_length=4096)]
+    Int | Annotated[list[Int], Field(min_length=1, max_length=4096)]
     | Annotated[str, WithJsonSchema({"type": "string", "pattern": LAYER_STRING_PATTERN})],
     Field(description="0-based layer: an int (negative counts from the end), a non-empty list of ints, "
                       "a range string 'start:stop[:step]' (Python slice, e.g. '-5:'), or 'all'."),
@@ -91,13 +91,13 @@ class InterventionSpec(BaseModel):
     layer: LayerSpec
     rank_fraction: float | None = Field(None, gt=0, le=1, description=(
         "rho in (0, 1]: k = max(1, floor(rho * min(m, n))). For laser, keep_bottom, random_basis."))
-    rank: StrictInt | None = Field(None, ge=1, description="Absolute rank k >= 1 (at most min(m, n) of each "
+    rank: IntRange(ge=1) | None = Field(None, description="Absolute rank k >= 1 (at most min(m, n) of each "
                                                           "matrix).")
     energy: float | None = Field(None, gt=0, le=1, description=(
         "Smallest k keeping this fraction of the sum of squared singular values, in (0, 1]."))
     sparsity: float | None = Field(None, ge=0, lt=1, description=(
         "prune_magnitude only: fraction of entries (smallest |w|) set to zero, in [0, 1)."))
-    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="random_basis only: seed of the random subspace.")
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="random_basis only: seed of the random subspace.")
 
     @field_validator("target")
     @classmethod

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
 
 #: Deepest JSON nesting any input needs (a dataset row is 3 levels deep; a request body about 6).
 MAX_JSON_DEPTH = 32
@@ -54,16 +54,26 @@ def check_text(text: str) -> str:
     return text
 
 
-def _not_bool(value: Any) -> Any:
+def _json_int(value: Any) -> Any:
+    """JSON's integers: ``5`` and ``5.0`` (JSON Schema's "integer" includes integral numbers), never ``true``
+    nor ``"5"``; the strict int validation that follows refuses the rest."""
     if isinstance(value, bool):
         raise ValueError("must be an integer, not a boolean")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 
 #: A string of well-formed Unicode.
 Text = Annotated[str, AfterValidator(check_text)]
-#: An integer; ``true``/``false`` are refused even where a model is lax.
-Int = Annotated[int, BeforeValidator(_not_bool)]
+#: An integer as JSON writes it (``5`` or ``5.0``); booleans and strings are refused.
+Int = Annotated[int, BeforeValidator(_json_int)]
+
+
+def IntRange(ge: int | None = None, le: int | None = None) -> Any:  # noqa: N802 - a type, named as one
+    """An :data:`Int` within [ge, le]. Use it for optional fields (``IntRange(ge=1) | None``): bounds given on the
+    field of an optional :data:`Int` would not reach the JSON schema."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_int)]
 
 
 def _walk(value: Any, max_depth: int) -> Iterator[tuple[tuple[str | int, ...], Any]]:

@@ -26,6 +26,7 @@ from server.deps import get_services
 from server.protocol.errors import ErrorBody
 from server.protocol.openai import ErrorResponse
 from server.security import Scope, key_required, route_scope
+from server.serving.openai import vocab_size
 
 _SCHEMES = {
     "AdminKey": {"type": "http", "scheme": "bearer",
@@ -47,6 +48,10 @@ _SETTING_MAXIMA = {("GenerateParams", "max_new_tokens"): "max_new_tokens",
                    ("CompletionRequest", "max_tokens"): "max_new_tokens",
                    ("ChatCompletionRequest", "max_tokens"): "max_new_tokens",
                    ("ChatCompletionRequest", "max_completion_tokens"): "max_new_tokens"}
+
+
+#: Request fields holding token ids: bounded by the loaded model's vocabulary.
+_TOKEN_ID_FIELDS = (("CompletionRequest", "prompt"), ("DetokenizeRequest", "tokens"))
 
 
 def _uses(dependant: Dependant, fn: Callable[..., Any]) -> bool:
@@ -94,19 +99,34 @@ def _document_route(op: dict[str, Any], route: APIRoute, settings: Settings) -> 
     return {name for requirement in security or [] for name in requirement}
 
 
-def _apply_limits(schema: dict[str, Any], settings: Settings) -> None:
+def _properties(components: dict[str, Any], model: str, field: str) -> list[dict[str, Any]]:
+    return [p for name in (model, f"{model}-Input")
+            if (p := components.get(name, {}).get("properties", {}).get(field)) is not None]
+
+
+def _integers(node: Any) -> list[dict[str, Any]]:
+    """Every integer schema inside ``node`` (through anyOf branches and array items)."""
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "integer":
+        return [node]
+    return [i for child in [*node.get("anyOf", []), node.get("items")] for i in _integers(child)]
+
+
+def _apply_limits(schema: dict[str, Any], settings: Settings, vocab: int | None) -> None:
     components = schema.get("components", {}).get("schemas", {})
     for (model, field), setting in _SETTING_MAXIMA.items():
-        for name in (model, f"{model}-Input"):
-            prop = components.get(name, {}).get("properties", {}).get(field)
-            if prop is None:
-                continue
-            for branch in prop.get("anyOf", [prop]):
-                if branch.get("type") == "integer":
-                    branch["maximum"] = getattr(settings, setting)
+        for prop in _properties(components, model, field):
+            for integer in _integers(prop):
+                integer["maximum"] = getattr(settings, setting)
+    if vocab:
+        for model, field in _TOKEN_ID_FIELDS:
+            for prop in _properties(components, model, field):
+                for integer in _integers(prop):
+                    integer.update(minimum=0, maximum=vocab - 1)
 
 
-def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+def build_openapi(app: FastAPI, settings: Settings, vocab: int | None = None) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, description=app.description,
                          routes=app.routes)
     used: set[str] = set()
@@ -127,7 +147,7 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         schemas.pop(unused, None)
     if used:
         components["securitySchemes"] = {name: scheme for name, scheme in _SCHEMES.items() if name in used}
-    _apply_limits(schema, settings)
+    _apply_limits(schema, settings, vocab)
     return schema
 
 
@@ -135,9 +155,13 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
     """Serve :func:`build_openapi` (computed on first use, then cached) as the app's schema."""
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, settings)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        services = getattr(app.state, "services", None)
+        schema = build_openapi(app, settings, vocab_size(services) if services is not None else None)
+        if services is not None:  # complete only once the model is loaded: cache it then
+            app.openapi_schema = schema
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
@@ -152,3 +176,14 @@ def link(operation: str, description: str, *, parameters: dict[str, str] | None 
     if body:
         out["requestBody"] = body
     return out
+
+
+def sse_event(*payloads: dict[str, Any], done: bool) -> dict[str, Any]:
+    """Schema of one Server-Sent Event whose ``data`` is JSON matching one of ``payloads`` (and, with ``done``,
+    the closing ``data: [DONE]``): the event object ``{event, data, id}``, as OpenAPI 3.2's ``itemSchema`` (and a
+    3.1 ``schema`` of an event stream) describes each event."""
+    json_data = {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": payloads[0] if len(payloads) == 1 else {"anyOf": list(payloads)}}
+    data = {"anyOf": [{"const": "[DONE]"}, json_data]} if done else json_data
+    return {"type": "object", "required": ["data"],
+            "properties": {"event": {"type": "string"}, "id": {"type": "string"}, "data": data}}

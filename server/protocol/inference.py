@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from laser_ops.scoring import GenerationRequest
 from server.protocol.profiles import ProfileName
-from server.protocol.validation import RequestModel, Text, one_of_groups
+from server.protocol.validation import Int, IntRange, RequestModel, Text, one_of_groups
 
 MAX_PROMPTS = 64
 MAX_CONTINUATIONS = 64
@@ -34,14 +34,14 @@ class GenerateParams(RequestModel):
                                 examples=["The capital of France is"])
     prompts: list[Text] | None = Field(None, min_length=1, max_length=MAX_PROMPTS,
                                        description=f"Several prompts, answered in order (at most {MAX_PROMPTS}).")
-    max_new_tokens: int | None = Field(None, ge=0, description=f"Most tokens to generate per prompt (default "
+    max_new_tokens: IntRange(ge=0) | None = Field(None, description=f"Most tokens to generate per prompt (default "
                                                                f"{DEFAULT_MAX_NEW_TOKENS}, at most the server's "
                                                                "max_new_tokens).")
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 is greedy (deterministic); > 0 samples "
                                                                  "(any positive value, however small).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 switches it off.")
-    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 switches it off.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+    top_k: Int = Field(0, ge=0, description="Keep the k most likely tokens; 0 switches it off.")
+    seed: IntRange(ge=0, le=2**63 - 1) | None = Field(None,
                              description="Seeds this request's sampler: the same seed gives the same text, "
                                          "whatever else shares the batch.")
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP)] | StopString | None = Field(

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from laser_ops.validation import REQUEST_CONFIG
-from server.protocol.validation import JsonValue, Text, one_of_groups
+from server.protocol.validation import Int, IntRange, JsonValue, Text, one_of_groups
 
 #: OpenAI requests carry many fields laser-serve does not use: unknown ones are ignored, known ones are strict.
 _OPENAI_REQUEST = ConfigDict(**{**REQUEST_CONFIG, "extra": "ignore"})
@@ -101,13 +101,13 @@ class _SamplingBase(BaseModel):
         "model's own id also means 'base'."))
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy (deterministic).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 switches it off.")
-    top_k: int = Field(-1, ge=-1, description="Extension (vLLM): keep the k most likely tokens; -1 or 0: off.")
-    n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
+    top_k: Int = Field(-1, ge=-1, description="Extension (vLLM): keep the k most likely tokens; -1 or 0: off.")
+    n: Int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
     stream: bool = Field(False, description="Send server-sent events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Only with stream: true, e.g. include_usage.")
     stop: Text | Annotated[list[Text], Field(max_length=16)] | None = Field(
         None, description="Stop strings (at most 16); the text ends just before the first one.")
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
+    seed: IntRange(ge=-(2**63), le=2**63 - 1) | None = Field(None,
                              description="Reproducible sampling (a signed 64-bit int); choice j of a prompt uses "
                                          "seed + j.")
     presence_penalty: Annotated[float | None, _only(0)] = Field(None, description="Only 0 / unset.")
@@ -152,7 +152,7 @@ class _SamplingBase(BaseModel):
 
 # --------------------------------------------------------------------------------------------- completions
 
-Prompt = Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
+Prompt = Text | list[Text] | list[Int] | list[list[Int]]
 
 
 class CompletionRequest(_SamplingBase):
@@ -161,13 +161,13 @@ class CompletionRequest(_SamplingBase):
 
     prompt: Prompt = Field(..., description="A string, a list of strings, a list of token ids, or a list of "
                                             "token-id lists; each prompt gets `n` choices.")
-    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate (0: none, to score an echoed prompt).")
+    max_tokens: IntRange(ge=0) | None = Field(16, description="Tokens to generate (0: none, to score an echoed prompt).")
     echo: bool = Field(False, description="Return the prompt before the completion (text and logprobs).")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+    logprobs: IntRange(ge=0, le=MAX_LOGPROBS) | None = Field(None, description=(
         "Return per-token log-probs with this many alternatives per position (the chosen token is always "
         "among them). With echo they cover the prompt too; the first prompt token's log-prob is null."))
     suffix: Annotated[Text | None, _only("")] = Field(None, description="Not supported (only unset or '').")
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="Only unset or equal to n.")
+    best_of: IntRange(ge=1, le=MAX_N) | None = Field(None, description="Only unset or equal to n.")
 
     @field_validator("suffix")
     @classmethod
@@ -258,11 +258,11 @@ class ChatCompletionRequest(_SamplingBase):
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation, oldest first; "
                                                                      "rendered with the model's chat template.")
-    max_tokens: int | None = Field(None, ge=0, description="Deprecated alias of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(None, ge=0, description="Unset: up to the server's max_new_tokens "
+    max_tokens: IntRange(ge=0) | None = Field(None, description="Deprecated alias of max_completion_tokens.")
+    max_completion_tokens: IntRange(ge=0) | None = Field(None, description="Unset: up to the server's max_new_tokens "
                                                                       "(and the model's context).")
     logprobs: bool = Field(False, description="Return log-probs of the generated tokens.")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+    top_logprobs: IntRange(ge=0, le=MAX_LOGPROBS) | None = Field(None,
                                       description="Alternatives per token (needs logprobs).")
     add_generation_prompt: bool = Field(True, description="Extension (vLLM): end the prompt with the assistant header.")
     continue_final_message: bool = Field(False, description="Extension (vLLM): continue the last (assistant) message.")
@@ -410,7 +410,7 @@ class DetokenizeRequest(BaseModel):
     model_config = _OPENAI_REQUEST
     model: Text | None = Field(None, min_length=1, description="Optional (checked to exist); every profile shares "
                                                                "the tokenizer.")
-    tokens: list[StrictInt] = Field(..., description="Token ids to decode, each inside the vocabulary.")
+    tokens: list[Int] = Field(..., description="Token ids to decode, each inside the vocabulary.")
 
 
 class DetokenizeResponse(BaseModel):

@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from laser_ops.validation import REQUEST_CONFIG, Int, JsonValue, Text
+from laser_ops.validation import REQUEST_CONFIG, Int, IntRange, JsonValue, Text
 
-__all__ = ["Int", "JsonValue", "RequestModel", "Text", "one_of_groups"]
+__all__ = ["Int", "IntRange", "JsonValue", "RequestModel", "Text", "one_of_groups"]
 
 
 class RequestModel(BaseModel):

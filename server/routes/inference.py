@@ -14,7 +14,9 @@ from server.protocol.inference import (
     GenerateStreamEvent,
     ScoreRequest,
     ScoreResponse,
+    StreamError,
 )
+from server.openapi import sse_event
 from server.routing import ApiRoute
 from server.security import InferenceAuth
 from server.serving import inference as serving
@@ -31,7 +33,7 @@ _ERRORS = {
 }
 _EVENT_SCHEMA = GenerateStreamEvent.model_json_schema(ref_template="#/components/schemas/{model}")
 _EVENT_SCHEMA.pop("$defs", None)  # GenerateUsage is already a component (GenerateResponse uses it)
-_STREAM = {"text/event-stream": {"schema": _EVENT_SCHEMA,
+_STREAM = {"text/event-stream": {"schema": sse_event(_EVENT_SCHEMA, StreamError.model_json_schema(), done=True),
                                  "description": "With stream=true: 'data: {GenerateStreamEvent}' per delta, "
                                                 "then 'data: [DONE]'."}}
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.deps import ServicesDep
-from server.openapi import link
+from server.openapi import link, sse_event
 from server.protocol.jobs import (
     JobDeleted,
     JobList,
@@ -71,7 +71,7 @@ async def get_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
                                             "a snapshot first, 'progress' per finished step, 'state' per state "
                                             "change; the stream closes after the terminal state (': keep-alive' "
                                             "comments in between).",
-                             "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}, **_NOT_FOUND})
+                             "content": {"text/event-stream": {"schema": sse_event(_EVENT_SCHEMA, done=False)}}}, **_NOT_FOUND})
 async def job_events(job_id: JobPath, request: Request, services: ServicesDep) -> StreamingResponse:
     """Server-Sent Events: 'progress' per finished step, then a 'state' event when the job ends."""
     stream = await serving.events(services, job_id, request.is_disconnected)

@@ -37,6 +37,7 @@ from server.protocol.openai import (
     TokenizeResponse,
     TokenizerInfo,
 )
+from server.openapi import sse_event
 from server.routing import ApiRoute
 from server.security import InferenceAuth
 from server.serving import openai as serving
@@ -154,18 +155,21 @@ def _sse_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)  # type: ignore[no-any-return]
 
 
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _COMPLETION_STREAM = {200: {
     "description": "The completion (CompletionResponse). With stream: true, Server-Sent Events instead: "
                    "'data: {CompletionResponse}' per chunk (one choice each: echoed prompt, text deltas, each with "
                    "the logprobs of its tokens, then a last chunk with finish_reason), an optional usage chunk, then 'data: [DONE]'; "
                    "a failure mid-stream sends 'data: {ErrorResponse}' before [DONE].",
-    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/CompletionResponse"}}}}}
+    "content": {"text/event-stream": {"schema": sse_event({"$ref": "#/components/schemas/CompletionResponse"},
+                                                          _ERROR_REF, done=True)}}}}
 _CHAT_STREAM = {200: {
     "description": "The chat completion (ChatCompletionResponse). With stream: true, Server-Sent Events "
                    "instead: 'data: {ChatCompletionChunk}' per chunk (per choice a role chunk, content deltas, each "
                    "with the logprobs of its tokens, then a last chunk with finish_reason), an optional usage chunk, then "
                    "'data: [DONE]'; a failure mid-stream sends 'data: {ErrorResponse}' before [DONE].",
-    "content": {"text/event-stream": {"schema": _sse_schema(ChatCompletionChunk)}}}}
+    "content": {"text/event-stream": {"schema": sse_event(_sse_schema(ChatCompletionChunk), _ERROR_REF,
+                                                          done=True)}}}}
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, dependencies=[InferenceAuth], responses=_ERRORS)
 

@@ -165,6 +165,9 @@ async def export_profile(services: Services, profile: str, body: ExportCreate) -
     async with _lock(services):
         if out.is_symlink() or (out.exists() and not out.is_dir()):
             raise ApiError(409, f"export {name!r} exists and is not a folder", ("body", "name"))
+        if out.exists() and not body.overwrite:  # answered at once, not after a turn on the engine
+            raise ApiError(409, f"export {name!r} already exists; pass overwrite=true to replace it",
+                           ("body", "name"))
         await services.decomposer.prepare(specs)  # SVDs off the owner thread first
         try:
             report = await services.engine.run_task(write)

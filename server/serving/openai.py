@@ -147,7 +147,8 @@ def resolve_model(services: Services, request: Request, name: str | None) -> str
     return profile
 
 
-def _vocab_size(services: Services) -> int:
+def vocab_size(services: Services) -> int:
+    """Token ids the model accepts: 0 .. vocab_size - 1."""
     emb = services.scorer.model.get_input_embeddings()
     return int(getattr(emb, "num_embeddings", 0) or len(services.loaded.tokenizer))
 
@@ -173,7 +174,7 @@ def _prompt_ids(services: Services, prompt: Any) -> list[list[int]]:
         items = [prompt]
     else:
         items = list(prompt)
-    vocab = _vocab_size(services)
+    vocab = vocab_size(services)
     scorer = services.scorer
     out: list[list[int]] = []
     for i, item in enumerate(items):
@@ -761,7 +762,7 @@ def _tokenized(services: Services, ids: list[int], with_strings: bool) -> Tokeni
 
 def detokenize(services: Services, request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
     _check_optional_model(services, request, body.model)
-    vocab = _vocab_size(services)
+    vocab = vocab_size(services)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise OpenAIApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", ("body", "tokens"))
