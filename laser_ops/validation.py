@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Tag
 
 #: Deepest JSON nesting any input needs (a dataset row is 3 levels deep; a request body about 6).
 MAX_JSON_DEPTH = 32
@@ -64,16 +64,16 @@ def _json_int(value: Any) -> Any:
     return value
 
 
-#: A string of well-formed Unicode.
-Text = Annotated[str, AfterValidator(check_text)]
+#: A string of well-formed Unicode (``Tag``: the name an error inside a union gives this case).
+Text = Annotated[str, AfterValidator(check_text), Tag("str")]
 #: An integer as JSON writes it (``5`` or ``5.0``); booleans and strings are refused.
-Int = Annotated[int, BeforeValidator(_json_int)]
+Int = Annotated[int, BeforeValidator(_json_int), Tag("int")]
 
 
 def IntRange(ge: int | None = None, le: int | None = None) -> Any:  # noqa: N802 - a type, named as one
     """An :data:`Int` within [ge, le]. Use it for optional fields (``IntRange(ge=1) | None``): bounds given on the
     field of an optional :data:`Int` would not reach the JSON schema."""
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_int)]
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_int), Tag("int")]
 
 
 def _walk(value: Any, max_depth: int) -> Iterator[tuple[tuple[str | int, ...], Any]]:
