@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Tag, WithJsonSchema, field_validator, model_validator
 
 from laser_ops.spectral import mp_rank
 from laser_ops.svd import Decomposition
@@ -51,8 +51,8 @@ _LAYER_STRING = re.compile(LAYER_STRING_PATTERN)
 MAX_SEED = 2**63 - 1
 
 LayerSpec = Annotated[
-    Int | Annotated[list[Int], Field(min_length=1, max_length=4096)]
-    | Annotated[str, WithJsonSchema({"type": "string", "pattern": LAYER_STRING_PATTERN})],
+    Int | Annotated[list[Int], Field(min_length=1, max_length=4096), Tag("list[int]")]
+    | Annotated[str, WithJsonSchema({"type": "string", "pattern": LAYER_STRING_PATTERN}), Tag("str")],
     Field(description="0-based layer: an int (negative counts from the end), a non-empty list of ints, "
                       "a range string 'start:stop[:step]' (Python slice, e.g. '-5:'), or 'all'."),
 ]

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, Field, Tag, WithJsonSchema, field_validator
 
 from laser_ops.datasets import Dataset, Split, builtin_dataset, stratified_split
 from laser_ops.evaluation import (
@@ -83,7 +83,7 @@ class SweepConfig(BaseModel):
                                                     "prune_magnitude with sparsity = 1 - rho).")
     types: list[Annotated[str, WithJsonSchema({"type": "string", "enum": list(TYPES)})]] = Field(
         default_factory=lambda: list(PAPER_TYPES), min_length=1, description=f"LASER types, from {TYPES}.")
-    layers: Annotated[list[Int], Field(min_length=1, max_length=4096)] | Literal["all"] = Field(
+    layers: Annotated[list[Int], Field(min_length=1, max_length=4096), Tag("list[int]")] | Literal["all"] = Field(
         "all", description="0-based layers (negative from the end) or 'all'.")
     rhos: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: list(PAPER_RHOS), min_length=1, max_length=1024,

@@ -393,3 +393,78 @@ def test_readme_flow_on_smollm2(tmp_path: Path, smollm2) -> None:
         assert g.status_code == 200 and g.json()["profile"] == "epistemic-best" and g.json()["choices"][0]["text"]
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from laser_ops.targets import TYPES  # noqa: E402
+
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                 st.text(max_size=5), st.just("\ud800"), st.just([]))
+
+
+def _or_junk(good: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(good, good, good, JUNK)
+
+
+CONFIGS = st.fixed_dictionaries({}, optional={
+    "strategy": _or_junk(st.sampled_from(["grid", "greedy_compose", "spectral_prior"])),
+    "kind": _or_junk(st.sampled_from(["laser", "laser_mp", "keep_bottom", "random_basis", "prune_magnitude", "zero"])),
+    "types": _or_junk(st.lists(st.sampled_from(TYPES), min_size=1, max_size=3)),
+    "layers": _or_junk(st.one_of(st.just("all"), st.lists(st.integers(-4, 3), min_size=1, max_size=3))),
+    "rhos": _or_junk(st.lists(st.floats(1e-9, 1), min_size=1, max_size=3)),
+    "seed": _or_junk(st.integers(0, 2**64)),
+    "validation_fraction": _or_junk(st.floats(0, 1)),
+    "max_validation_examples": _or_junk(st.integers(0, 30)),
+    "max_test_examples": _or_junk(st.integers(0, 30)),
+    "time_limit_s": _or_junk(st.floats(0, 1e6)),
+    "max_perplexity_ratio": _or_junk(st.floats(0, 10)),
+    "normalize": _or_junk(st.booleans()),
+    "batch_size": _or_junk(st.integers(0, 2000)),
+})
+
+
+@pytest.fixture(scope="module")
+def sweeper(tmp_path_factory: pytest.TempPathFactory):
+    s = start_server(tmp_path_factory.mktemp("sweep-properties"), tiny_loaded())
+    upload(s.client, "toy", toy_rows(16))
+    yield s
+    s.stop()
+
+
+#: Well-formed configs, so that accepted sweeps are explored as much as refused ones.
+VALID_CONFIGS = st.fixed_dictionaries({}, optional={
+    "strategy": st.sampled_from(["grid", "greedy_compose", "spectral_prior"]),
+    "kind": st.sampled_from(["laser", "laser_mp", "keep_bottom", "random_basis", "prune_magnitude", "zero"]),
+    "types": st.lists(st.sampled_from(TYPES), min_size=1, max_size=3),
+    "layers": st.one_of(st.just("all"), st.lists(st.integers(-3, 2), min_size=1, max_size=3)),
+    "rhos": st.lists(st.floats(1e-9, 1), min_size=1, max_size=3),
+    "seed": st.integers(0, 2**63 - 1),
+    "validation_fraction": st.floats(0.1, 0.9),
+    "max_validation_examples": st.integers(2, 30),
+    "time_limit_s": st.floats(1e-300, 1e6),
+    "normalize": st.booleans(),
+    "batch_size": st.integers(1, 1024),
+})
+
+
+@settings(max_examples=25, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(config=st.one_of(VALID_CONFIGS, CONFIGS))
+def test_any_sweep_is_accepted_and_runs_or_refused_with_4xx(sweeper: LiveServer, config: dict) -> None:
+    """Never accepted-then-broken: an accepted sweep runs to success (a budget of one config keeps it short)."""
+    c = sweeper.client
+    before = [j["id"] for j in c.get("/v1/jobs").json()["data"]]
+    body = json.dumps({**config, "dataset": "toy", "max_configs": 1})
+    r = c.post("/v1/jobs/sweeps", content=body.encode("utf-8", "surrogatepass"),
+               headers={"Content-Type": "application/json"})
+    if r.status_code != 202:
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"][0] == "body"
+        assert [j["id"] for j in c.get("/v1/jobs").json()["data"]] == before  # nothing stored
+        return
+    job = wait(c, r.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 200
