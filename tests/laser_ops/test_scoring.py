@@ -16,6 +16,7 @@ from laser_ops.scoring import (
     HFScorer,
     RollingResult,
     Scorer,
+    _sample,
     _TextTracker,
     rolling_windows,
 )
@@ -464,3 +465,41 @@ def test_smollm2_end_to_end(smol_scorer):
     assert [b.logprob for b in batched] == pytest.approx([x.logprob for x in single], abs=1e-4)
     (rolled,) = s.loglikelihood_rolling(["The quick brown fox jumps over the lazy dog. " * 8], max_length=32)
     assert math.isfinite(rolled.perplexity) and rolled.perplexity > 1
+
+
+# ------------------------------------------------------------------------------------- numerically safe sampling
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1e-38, 1.0), (1e-320, 1.0), (5e-324, 1.0), (1.0, 1e-320),
+                                                    (0.7, 5e-324), (1e-320, 1e-320)])
+def test_tiny_temperature_or_top_p_samples_the_top_token(temperature: float, top_p: float) -> None:
+    """Sampling so close to greedy is greedy, not 'probability tensor contains either inf, nan or element < 0'."""
+    logits = torch.tensor([1.0, 12.5, -3.0, 12.49, float("-inf")])
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        req = GenerationRequest(prompt="x", temperature=temperature, top_p=top_p, seed=seed)
+        assert _sample(logits, req, g) == 1
+
+
+def test_sampling_still_spreads_at_ordinary_temperatures() -> None:
+    logits = torch.tensor([2.0, 2.0, 2.0, -50.0])
+    seen = {_sample(logits, GenerationRequest(prompt="x", temperature=1.0), torch.Generator().manual_seed(s))
+            for s in range(40)}
+    assert seen == {0, 1, 2}
+
+
+def test_non_finite_temperature_is_refused() -> None:
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            GenerationRequest(prompt="x", temperature=bad)
+
+
+def test_deltas_carry_the_tokens_that_made_them(scorer: HFScorer) -> None:
+    deltas: list = []
+    req = GenerationRequest(prompt="The capital of France is", max_new_tokens=10, logprobs=2, stop=[" Rome"],
+                            on_delta=deltas.append)
+    [result] = scorer.generate([req])
+    assert deltas and "".join(d.text for d in deltas) == result.text
+    assert [t for d in deltas for t in d.token_ids] == result.token_ids
+    assert [lp for d in deltas for lp in d.token_logprobs] == result.token_logprobs
+    assert [len(d.top_logprobs) for d in deltas] == [len(d.token_ids) for d in deltas]
