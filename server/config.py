@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="Bearer key for inference (generate, score, compare, completions). Unset: open.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (JSON list). Empty: CORS off.")
     default_profile: str = Field("base", description="Profile used when a request names none (pin production traffic here).")
-    max_queue: int = Field(256, ge=1, description="Pending requests before 429 with Retry-After.")
+    max_queue: int = Field(256, ge=1, description="Queued requests (each may hold several prompts) before 429 with Retry-After.")
     max_batch_size: int = Field(16, ge=1, le=512, description="Requests of one profile run together in one batch.")
     mixed_batches: bool = Field(True, description=(
         "Let generate requests of several profiles share one batch (each row still uses only its own profile's "
