@@ -86,6 +86,10 @@ class _Item:
             logger.debug("result for a closed event loop dropped")
 
 
+#: What one item's work produced: its result, or the error to raise in its caller.
+_Outcome = tuple[_Item, Any, BaseException | None]
+
+
 class Engine:
     """Owner of the model. Async methods may be called from the event loop; the work runs on one thread."""
 
@@ -363,15 +367,7 @@ class Engine:
                 batch = self._take_batch()
                 # Peak with slow decay: one fragmented batch must not lower the expectation for the next.
                 self._last_batch_size = max(sum(i.size for i in batch), int(self._last_batch_size * 0.9))
-            try:
-                self._run_batch(batch)
-            except BaseException as exc:  # never let the owner thread die
-                logger.exception("engine batch failed")
-                for item in batch:
-                    item.resolve(error=exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
-            finally:
-                if not batch[0].background:
-                    self._last_foreground_end = time.perf_counter()
+            self._run_batch(batch)
 
     def _activate(self, profile: str) -> None:
         try:
@@ -389,14 +385,33 @@ class Engine:
             self.active_profile = profile
 
     def _run_batch(self, batch: list[_Item]) -> None:
-        live = []
+        """Run one batch, publish the state it leaves, then hand results back.
+
+        Order matters: a caller may read engine state (``active_profile``, metrics, counters) the moment
+        its future resolves, so every piece of state is updated before any future of the batch is.
+        """
+        try:
+            outcomes = self._execute(batch)
+        except BaseException as exc:  # never let the owner thread die
+            logger.exception("engine batch failed")
+            error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+            outcomes = [(item, None, error) for item in batch]
+        if not batch[0].background:
+            self._last_foreground_end = time.perf_counter()
+        for item, value, error in outcomes:
+            item.resolve(value, error)
+
+    def _execute(self, batch: list[_Item]) -> list[_Outcome]:
+        """Compute every item's outcome and update engine state; resolves nothing."""
+        live: list[_Item] = []
+        outcomes: list[_Outcome] = []
         for item in batch:
             if item.cancelled.is_set():
-                item.resolve(error=RequestCancelled("cancelled before it ran"))
+                outcomes.append((item, None, RequestCancelled("cancelled before it ran")))
             else:
                 live.append(item)
         if not live:
-            return
+            return outcomes
         head = live[0]
         label = head.profile or "task"
         start = time.perf_counter()
@@ -406,18 +421,16 @@ class Engine:
         except Exception as exc:
             # Only the head's profile failed: rows of other profiles (a mixed batch) run under their own.
             rest = [item for item in live if item.profile != head.profile]
-            for item in live:
-                if item.profile == head.profile:
-                    item.resolve(error=exc)
+            outcomes.extend((item, None, exc) for item in live if item.profile == head.profile)
             if rest:
-                self._run_batch(rest)
-            return
+                outcomes.extend(self._execute(rest))
+            return outcomes
         for item in live:
             self.metrics.queue_seconds.labels(item.profile or "task").observe(start - item.enqueued)
         # A task may leave other weights live, with or without a profile of its own.
         before = dict(self.swapper.applied) if head.op == "task" else None
         run = getattr(self, f"_op_{head.op}")
-        run(live, label)
+        outcomes.extend(run(live, label))
         if before is not None and self.swapper.applied != before:
             # The task left other weights live: no named profile holds until the next batch re-applies one.
             self.metrics.set_active(None, self.active_profile)
@@ -429,14 +442,16 @@ class Engine:
             self._generate_seconds = 0.8 * self._generate_seconds + 0.2 * elapsed
         self.metrics.inference_seconds.labels(label, head.op).observe(elapsed)
         self.metrics.batch_size.labels(label, head.op).observe(len(live))
+        return outcomes
 
-    def _op_generate(self, items: list[_Item], profile: str) -> None:
+    def _op_generate(self, items: list[_Item], profile: str) -> list[_Outcome]:
         """Generate for a batch whose rows may belong to several profiles.
 
         The batch's first profile is live (applied by ``_run_batch``); rows of any other profile get
         that profile's weights through per-row overrides of the few modules where it differs.
         """
         overrides: dict[str, dict[str, Any]] = {}
+        outcomes: list[_Outcome] = []
         runnable: list[_Item] = []
         for item in items:
             other = item.profile
@@ -444,16 +459,16 @@ class Engine:
                 try:
                     overrides[other] = self.swapper.overrides_for(list(self.resolve_profile(other)))
                 except KeyError:
-                    item.resolve(error=UnknownProfile(other))
+                    outcomes.append((item, None, UnknownProfile(other)))
                     continue
                 except Exception as exc:
-                    item.resolve(error=exc)
+                    outcomes.append((item, None, exc))
                     continue
             if other is None or other == profile or other in overrides:
                 runnable.append(item)
         items = runnable
         if not items:
-            return
+            return outcomes
         flat: list[GenerationRequest] = []
         owners: list[int] = []
         for idx, item in enumerate(items):
@@ -466,9 +481,7 @@ class Engine:
                 results = self.scorer.generate(
                     flat, before_forward=None if rows.empty else lambda reqs: rows.set_rows([r.tag for r in reqs]))
         except Exception as exc:
-            for item in items:
-                item.resolve(error=exc)
-            return
+            return outcomes + [(item, None, exc) for item in items]
         if len({i.profile for i in items}) > 1:
             self.mixed_batches_run += 1
         per_item: list[list[GenerationResult]] = [[] for _ in items]
@@ -477,8 +490,7 @@ class Engine:
             label = items[owner].profile or profile
             self.metrics.prompt_tokens.labels(label).inc(res.n_prompt_tokens)
             self.metrics.generated_tokens.labels(label).inc(len(res.token_ids))
-        for item, res in zip(items, per_item, strict=True):
-            item.resolve(res)
+        return outcomes + [(item, res, None) for item, res in zip(items, per_item, strict=True)]
 
     def _instrument(self, req: GenerationRequest, item: _Item, profile: str) -> GenerationRequest:
         """Hook cancellation and time-to-first-token into the request.
@@ -497,41 +509,43 @@ class Engine:
 
         return replace(req, on_first_token=on_first_token, is_cancelled=cancel)
 
-    def _op_loglikelihood(self, items: list[_Item], profile: str) -> None:
+    def _op_loglikelihood(self, items: list[_Item], profile: str) -> list[_Outcome]:
         flat = [pair for item in items for pair in item.payload]
         try:
             results = self.scorer.loglikelihood_tokens(flat)
         except Exception as exc:
-            for item in items:
-                item.resolve(error=exc)
-            return
+            return [(item, None, exc) for item in items]
         self.metrics.prompt_tokens.labels(profile).inc(sum(len(c) + len(x) for c, x in flat))
+        outcomes: list[_Outcome] = []
         pos = 0
         for item in items:
             n = len(item.payload)
-            item.resolve(results[pos:pos + n])
+            outcomes.append((item, results[pos:pos + n], None))
             pos += n
+        return outcomes
 
-    def _each(self, items: list[_Item], fn: Callable[[Any], Any]) -> None:
+    def _each(self, items: list[_Item], fn: Callable[[Any], Any]) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
         for item in items:
             if item.cancelled.is_set():
-                item.resolve(error=RequestCancelled("cancelled"))
+                outcomes.append((item, None, RequestCancelled("cancelled")))
                 continue
             try:
-                item.resolve(fn(item.payload))
+                outcomes.append((item, fn(item.payload), None))
             except Exception as exc:
-                item.resolve(error=exc)
+                outcomes.append((item, None, exc))
+        return outcomes
 
-    def _op_prompt_logprobs(self, items: list[_Item], profile: str) -> None:
+    def _op_prompt_logprobs(self, items: list[_Item], profile: str) -> list[_Outcome]:
         def run(payload: tuple[list[list[int]], int]) -> list[Any]:
             ids, top_n = payload
             self.metrics.prompt_tokens.labels(profile).inc(sum(len(x) for x in ids))
             return self.scorer.prompt_logprobs(ids, top_n)
 
-        self._each(items, run)
+        return self._each(items, run)
 
-    def _op_rolling(self, items: list[_Item], profile: str) -> None:
-        self._each(items, lambda p: self.scorer.loglikelihood_rolling(p[0], max_length=p[1], stride=p[2]))
+    def _op_rolling(self, items: list[_Item], profile: str) -> list[_Outcome]:
+        return self._each(items, lambda p: self.scorer.loglikelihood_rolling(p[0], max_length=p[1], stride=p[2]))
 
-    def _op_task(self, items: list[_Item], profile: str) -> None:
-        self._each(items, lambda fn: fn(self.swapper, self.scorer))
+    def _op_task(self, items: list[_Item], profile: str) -> list[_Outcome]:
+        return self._each(items, lambda fn: fn(self.swapper, self.scorer))

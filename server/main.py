@@ -73,7 +73,22 @@ class RequestMetricsMiddleware:
         start = time.perf_counter()
         status = [500]
         started = [False]
+        recorded = [False]
         received = [0]
+
+        def record() -> None:
+            """Count the request once: before its last byte leaves, so a client that reads /metrics right
+            after its answer sees it counted (state is published before the result is handed back)."""
+            if recorded[0]:
+                return
+            recorded[0] = True
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            profile = scope.get("state", {}).get("profile", "")
+            m: Metrics = app_state.metrics
+            m.requests.labels(template, scope["method"], str(status[0]), profile).inc()
+            if template not in ("/metrics", "/health", "/ready"):
+                m.request_seconds.labels(template, profile).observe(time.perf_counter() - start)
 
         async def counting_receive() -> Message:
             message = await receive()
@@ -87,6 +102,8 @@ class RequestMetricsMiddleware:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 started[0] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
             await send(message)
 
         try:
@@ -97,13 +114,7 @@ class RequestMetricsMiddleware:
             status[0] = 413
             await self._too_large(scope, receive, send, f"request body exceeds max_body_bytes ({limit})")
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            profile = scope.get("state", {}).get("profile", "")
-            m: Metrics = app_state.metrics
-            m.requests.labels(template, scope["method"], str(status[0]), profile).inc()
-            if template not in ("/metrics", "/health", "/ready"):
-                m.request_seconds.labels(template, profile).observe(time.perf_counter() - start)
+            record()  # a response that never finished (client gone, error) is counted here
 
     @staticmethod
     async def _too_large(scope: Scope, receive: Receive, send: Send, message: str) -> None:

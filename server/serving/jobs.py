@@ -309,6 +309,11 @@ class JobManager:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def running_job(self) -> str | None:
+        """Id of the job this manager is executing right now (None between jobs)."""
+        return self._live.job_id if self._live is not None else None
+
     # -- worker
 
     async def _work(self) -> None:
@@ -410,8 +415,7 @@ class JobManager:
         job = self.store.get(job_id)
         if job is None:
             raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
-        live = self._live
-        if not job.terminal or (live is not None and live.job_id == job_id):
+        if not job.terminal or self.running_job == job_id:
             raise ApiError(409, f"job {job_id} is {job.state}"
                            + ("" if job.terminal else f"; cancel it first (POST /v1/jobs/{job_id}/cancel)")
                            + (" and still ending its current step; retry shortly" if job.terminal else ""),

@@ -211,7 +211,7 @@ def test_fast_evaluator_equals_plain_path_on_smollm2() -> None:
     lm = load_model("smollm2-135m")
     sc = HFScorer(lm.model, lm.tokenizer, batch_size=8)
     sw = WeightSwapper(lm.model, svd_cache=SvdCache(lm.fingerprint))
-    val = stratified_split(builtin_dataset("epistemic_reasoning"), seed=0).validation.subset(range(16))
+    val = stratified_split(builtin_dataset("epistemic_reasoning"), seed=0).validation.subset(range(6))
     fast = FastChoiceEvaluator(sc, val.choice_items(), batch_size=8)
     assert fast.fast
     for specs in ([], [{"target": "fc_in", "layer": 27, "rank_fraction": 0.01}],

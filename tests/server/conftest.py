@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from fastapi import FastAPI
 
@@ -18,6 +20,54 @@ from laser_ops.loading import LoadedModel, load_model, model_fingerprint
 from laser_ops.testing import make_tiny_model, tiny_tokenizer
 from server.config import Settings
 from server.main import create_app
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it is true, failing after ``timeout`` s (orders events without sleeping blind)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+async def until(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
+    """Async :func:`wait_until`: yields to the event loop between polls."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+class ForwardGate:
+    """A forward pre-hook that holds the owner thread inside the model until :meth:`open` is called.
+
+    ``entered`` is set once a forward pass is waiting at the gate, so a test knows the owner is busy
+    (and the queue holds exactly what it submitted next) without guessing with sleeps. The first
+    ``free_passes`` forward passes go through unhindered.
+    """
+
+    def __init__(self, model: torch.nn.Module, free_passes: int = 0) -> None:
+        self.entered = threading.Event()
+        self._open = threading.Event()
+        self._passes = free_passes
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: object) -> None:
+        if self._passes > 0:
+            self._passes -= 1
+            return
+        self.entered.set()
+        if not self._open.wait(60):
+            raise TimeoutError("the test never opened the gate")
+
+    def open(self) -> None:
+        self._open.set()
+
+    def remove(self) -> None:
+        self._open.set()
+        self._handle.remove()
 
 
 def free_port() -> int:

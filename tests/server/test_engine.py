@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
 from server.engine import Engine, UnknownProfile
 from server.metrics import Metrics
-from tests.server.conftest import LiveServer, start_server, tiny_loaded
+from tests.server.conftest import ForwardGate, LiveServer, start_server, tiny_loaded, until
 
 PROFILES = {
     "e1": [{"kind": "laser", "target": "fc_in", "layer": 1, "rank_fraction": 0.1}],
@@ -88,16 +87,18 @@ def test_scores_under_concurrency_equal_solo(live: LiveServer) -> None:
 
 def test_overload_answers_429_with_retry_after(tmp_path: Path) -> None:
     srv = start_server(tmp_path, tiny_loaded(), max_queue=1)
-    hook = srv.app.state.services.loaded.model.register_forward_pre_hook(lambda m, a: time.sleep(0.02))
+    engine = srv.app.state.services.engine
+    gate = ForwardGate(srv.app.state.services.loaded.model)
     try:
         async def fire() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
-                slow = asyncio.ensure_future(ac.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 40}))
-                await asyncio.sleep(0.3)  # in flight: the queue is empty again
+                slow = asyncio.ensure_future(ac.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 4}))
+                await asyncio.to_thread(gate.entered.wait, 60)  # in flight: the queue is empty again
                 queued = asyncio.ensure_future(ac.post("/v1/generate", json={"prompt": "b", "max_new_tokens": 2}))
-                await asyncio.sleep(0.1)
+                await until(lambda: engine.queue_depth == 1, what="the second request to queue")
                 over = await ac.post("/v1/generate", json={"prompt": "c", "max_new_tokens": 2})
                 stream = await ac.post("/v1/generate", json={"prompt": "c", "max_new_tokens": 2, "stream": True})
+                gate.open()
                 return [await slow, await queued, over, stream]
 
         slow, queued, over, stream = asyncio.run(fire())
@@ -110,43 +111,59 @@ def test_overload_answers_429_with_retry_after(tmp_path: Path) -> None:
         assert 'status="429"' in m
         assert srv.client.post("/v1/generate", json={"prompt": "d", "max_new_tokens": 2}).status_code == 200
     finally:
-        hook.remove()
+        gate.remove()
         srv.stop()
 
 
-def test_fairness_between_profiles(live: LiveServer) -> None:
-    """Steady traffic on one profile does not starve another: lanes are served oldest-first."""
-    c = live.client
-    assert c.post("/v1/profiles", json={"name": "e1", "interventions": PROFILES["e1"]}).status_code == 201
-    engine = live.app.state.services.engine
+async def _hold_owner(engine: Engine) -> tuple[asyncio.Task[object], threading.Event]:
+    """Occupy the owner thread with a task until the returned event is set; returns once it is inside."""
+    inside, release = threading.Event(), threading.Event()
+
+    def block(swapper: object, scorer: object) -> None:
+        inside.set()
+        if not release.wait(60):
+            raise TimeoutError("the test never released the owner thread")
+
+    blocker = asyncio.create_task(engine.run_task(block))
+    await asyncio.to_thread(inside.wait, 60)
+    return blocker, release
+
+
+async def _submit_in_order(engine: Engine, coros: list) -> list[asyncio.Task]:
+    """Queue each request only after the one before it is queued, so their arrival order is known."""
+    tasks = []
+    for coro in coros:
+        depth = engine.queue_depth
+        tasks.append(asyncio.create_task(coro))
+        await until(lambda d=depth: engine.queue_depth > d, what="a request to queue")
+    return tasks
+
+
+def test_fairness_between_profiles() -> None:
+    """A steady stream of one profile does not starve another: requests are served oldest first."""
+    engine = _engine_with_profiles({"e1": PROFILES["e1"]})
     engine.max_batch_size = 2
-    hook = live.app.state.services.loaded.model.register_forward_pre_hook(lambda m, a: time.sleep(0.005))
+
+    def req(profile: str) -> object:
+        return engine.generate(profile, [GenerationRequest(prompt="a", max_new_tokens=3)])
+
+    async def scenario() -> list[str]:
+        blocker, release = await _hold_owner(engine)
+        names = ["b1", "b2", "b3", "b4", "e1", "b5", "b6", "b7", "b8"]
+        tasks = await _submit_in_order(engine, [req("e1" if n == "e1" else "base") for n in names])
+        finished: list[str] = []
+        for name, task in zip(names, tasks):
+            task.add_done_callback(lambda t, n=name: finished.append(n))
+        release.set()
+        await asyncio.gather(blocker, *tasks)
+        return finished
+
     try:
-        async def fire() -> tuple[float, float, int]:
-            async with httpx.AsyncClient(base_url=live.url, timeout=60) as ac:
-                stop_at = time.perf_counter() + 2.0
-                served = [0]
-
-                async def looper() -> None:
-                    while time.perf_counter() < stop_at:
-                        r = await ac.post("/v1/generate", json={"profile": "base", "prompt": "a", "max_new_tokens": 8})
-                        assert r.status_code == 200
-                        served[0] += 1
-
-                loops = [asyncio.ensure_future(looper()) for _ in range(6)]
-                await asyncio.sleep(0.3)
-                t0 = time.perf_counter()
-                r = await ac.post("/v1/generate", json={"profile": "e1", "prompt": "b", "max_new_tokens": 8})
-                assert r.status_code == 200
-                done = time.perf_counter()
-                await asyncio.gather(*loops)
-                return done - t0, stop_at - done, served[0]
-
-        latency, margin, served = asyncio.run(fire())
-        assert margin > 0, f"e1 waited {latency:.2f} s: it was only served once the base traffic stopped"
-        assert served > 6
+        finished = asyncio.run(scenario())
+        assert set(finished[:5]) >= {"b1", "b2", "b3", "b4"} and finished.index("e1") < min(
+            finished.index(n) for n in ("b5", "b6", "b7", "b8")), finished
     finally:
-        hook.remove()
+        engine.stop()
 
 
 def test_tasks_keep_the_active_profile(live: LiveServer) -> None:
@@ -170,16 +187,11 @@ def _bare_engine(**kw: object) -> Engine:
 async def _order_of(engine: Engine, background_first: bool) -> list[str]:
     """Queue a background task and an inference task while the owner is busy; return the run order."""
     order: list[str] = []
-    gate = threading.Event()
-    blocker = asyncio.create_task(engine.run_task(lambda s, c: gate.wait(10)))
-    await asyncio.sleep(0.05)  # the owner thread is now inside the blocker
+    blocker, release = await _hold_owner(engine)
     jobs = [("bg", True), ("fg", False)] if background_first else [("fg", False), ("bg", True)]
-    tasks = []
-    for name, background in jobs:
-        tasks.append(asyncio.create_task(
-            engine.run_task(lambda s, c, n=name: order.append(n), background=background)))
-        await asyncio.sleep(0.01)
-    gate.set()
+    tasks = await _submit_in_order(engine, [
+        engine.run_task(lambda s, c, n=name: order.append(n), background=background) for name, background in jobs])
+    release.set()
     await asyncio.gather(blocker, *tasks)
     return order
 
@@ -202,19 +214,20 @@ def test_background_tasks_are_not_starved() -> None:
 
 def test_background_task_waits_for_a_closed_loop_client() -> None:
     """Right after an inference batch, a queued sweep step leaves the grace period to the next request."""
-    engine = _bare_engine(background_grace_s=0.5)
+    engine = _bare_engine(background_grace_s=60.0)  # far longer than any client's think time
 
     async def scenario() -> list[str]:
         order: list[str] = []
         await engine.run_task(lambda s, c: order.append("fg1"))
-        bg = asyncio.create_task(engine.run_task(lambda s, c: order.append("bg"), background=True))
-        await asyncio.sleep(0.05)  # a client's think time, well inside the grace period
-        await engine.run_task(lambda s, c: order.append("fg2"))
+        [bg] = await _submit_in_order(engine, [engine.run_task(lambda s, c: order.append("bg"), background=True)])
+        await engine.run_task(lambda s, c: order.append("fg2"))  # the client's next request, within the grace
+        engine.background_grace_s = 0.0  # the client went quiet: the next wake-up runs the step
+        await engine.run_task(lambda s, c: order.append("fg3"))
         await bg
         return order
 
     try:
-        assert asyncio.run(scenario()) == ["fg1", "fg2", "bg"]
+        assert asyncio.run(scenario()) == ["fg1", "fg2", "fg3", "bg"]
     finally:
         engine.stop()
 
@@ -254,14 +267,11 @@ def test_failed_activation_fails_only_its_own_profile_in_a_mixed_batch() -> None
     engine = _engine_with_profiles({"e1": PROFILES["e1"]})
 
     async def scenario() -> list[object]:
-        gate = threading.Event()
-        blocker = asyncio.create_task(engine.run_task(lambda s, c: gate.wait(10)))
-        await asyncio.sleep(0.05)  # the owner is busy: both requests below land in one batch
-        gone = asyncio.create_task(engine.generate("gone", [GenerationRequest(prompt="a", max_new_tokens=2)]))
-        await asyncio.sleep(0.01)
-        ok = asyncio.create_task(engine.generate("e1", [GenerationRequest(prompt="a", max_new_tokens=2)]))
-        await asyncio.sleep(0.01)
-        gate.set()
+        blocker, release = await _hold_owner(engine)  # the owner is busy: both requests below land in one batch
+        gone, ok = await _submit_in_order(engine, [
+            engine.generate("gone", [GenerationRequest(prompt="a", max_new_tokens=2)]),
+            engine.generate("e1", [GenerationRequest(prompt="a", max_new_tokens=2)])])
+        release.set()
         await blocker
         return await asyncio.gather(gone, ok, return_exceptions=True)
 
@@ -289,17 +299,16 @@ def test_task_on_a_profile_that_leaves_other_weights_clears_the_active_profile()
 
 def test_owner_thread_survives_results_for_a_closed_event_loop() -> None:
     engine = _bare_engine()
-    gate = threading.Event()
+    holder: list[threading.Event] = []
 
     async def abandon() -> None:
-        asyncio.create_task(engine.run_task(lambda s, c: gate.wait(10)))
-        await asyncio.sleep(0.05)  # the owner runs it; its loop closes before the result comes back
-        asyncio.create_task(engine.run_task(lambda s, c: 1))
-        await asyncio.sleep(0.01)
+        _, release = await _hold_owner(engine)  # the owner runs it; its loop closes before the result comes back
+        holder.append(release)
+        await _submit_in_order(engine, [engine.run_task(lambda s, c: 1)])
 
     try:
         asyncio.run(abandon())
-        gate.set()
-        assert asyncio.run(asyncio.wait_for(engine.run_task(lambda s, c: 2), 10)) == 2
+        holder[0].set()
+        assert asyncio.run(asyncio.wait_for(engine.run_task(lambda s, c: 2), 60)) == 2
     finally:
         engine.stop()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.conftest import LiveServer, start_server, tiny_loaded
+from tests.server.conftest import ForwardGate, LiveServer, start_server, tiny_loaded, wait_until
 
 P1 = [{"kind": "laser", "target": "fc_in", "layer": 1, "rank_fraction": 0.1}]
 PROMPT = "The capital of France is"
@@ -222,9 +221,11 @@ def _generated(srv: LiveServer) -> float:
                if line.startswith("laser_generated_tokens_total"))
 
 
-def _slow(srv: LiveServer, seconds: float):
-    model = srv.app.state.services.loaded.model
-    return model.register_forward_pre_hook(lambda m, a: time.sleep(seconds))
+def _requests_done(srv: LiveServer, route: str) -> float:
+    """Requests to ``route`` whose handling has finished (the metrics middleware counts them on the way out)."""
+    m = srv.client.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in m.splitlines()
+               if line.startswith("laser_requests_total") and f'route="{route}"' in line)
 
 
 def _wait_idle(srv: LiveServer) -> None:
@@ -234,30 +235,34 @@ def _wait_idle(srv: LiveServer) -> None:
 
 
 def test_stream_disconnect_cancels(srv: LiveServer) -> None:
-    hook = _slow(srv, 0.02)
+    # The prompt's pass and the first decode step go through; the next step waits until the client is gone.
+    gate = ForwardGate(srv.app.state.services.loaded.model, free_passes=2)
     try:
         with srv.client.stream("POST", "/v1/generate",
                                json={"prompt": "ok", "max_new_tokens": 200, "stream": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     break  # leave after the first event: the connection closes
-        time.sleep(0.5)
+        wait_until(lambda: _requests_done(srv, "/v1/generate") == 1, what="the server to notice the disconnect")
+        gate.open()
         _wait_idle(srv)
-        assert _generated(srv) < 100
+        assert _generated(srv) < 10
     finally:
-        hook.remove()
+        gate.remove()
     assert gen(srv.client, prompt="ok")["choices"]
 
 
 def test_plain_disconnect_cancels(srv: LiveServer) -> None:
-    hook = _slow(srv, 0.02)
+    gate = ForwardGate(srv.app.state.services.loaded.model, free_passes=1)
     try:
-        with pytest.raises(httpx.ReadTimeout):
+        with pytest.raises(httpx.ReadTimeout):  # the gate holds the answer back, so the client gives up
             httpx.post(f"{srv.url}/v1/generate", json={"prompt": "ok", "max_new_tokens": 200}, timeout=0.3)
+        wait_until(lambda: _requests_done(srv, "/v1/generate") == 1, what="the server to notice the disconnect")
+        gate.open()
         _wait_idle(srv)
-        assert _generated(srv) < 100
+        assert _generated(srv) < 10
     finally:
-        hook.remove()
+        gate.remove()
     assert srv.client.get("/health").status_code == 200
 
 

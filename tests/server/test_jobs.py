@@ -18,7 +18,7 @@ from laser_ops.scoring import HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
 from laser_ops.testing import make_tiny_model, tiny_tokenizer
-from tests.server.conftest import LiveServer, start_server, tiny_loaded
+from tests.server.conftest import LiveServer, start_server, tiny_loaded, wait_until
 
 WORDS = ["Paris", "Rome", "France", "Italy", "city", "capital", "fox", "dog", "yes", "no", "blue", "red"]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -184,7 +184,7 @@ def test_cancel_running_and_queued_jobs(live: LiveServer) -> None:
     r = c.delete(f"/v1/jobs/{first['id']}")
     assert r.status_code == 409 and "still ending" in r.text  # its step is held on the engine
     gate.set()
-    wait_for(lambda: manager(live)._live is None)
+    wait_until(lambda: manager(live).running_job is None, what="the worker to wind the cancelled job up")
     job = c.get(f"/v1/jobs/{first['id']}").json()
     assert job["state"] == "cancelled" and job["done"] == 2 and job["test"] is None  # rows kept, no more steps
     assert [r["key"] for r in job["rows"]][:2] == ["base", "laser:fc_in:1:0.5"]
@@ -202,14 +202,6 @@ def test_cancel_running_and_queued_jobs(live: LiveServer) -> None:
     assert c.delete(f"/v1/jobs/{first['id']}").status_code == 404
     assert [j["id"] for j in c.get("/v1/jobs").json()["data"]] == [second["id"]]
     assert 'laser_jobs{state="cancelled"} 1.0' in c.get("/metrics").text
-
-
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def test_dataset_in_use_cannot_be_deleted(live: LiveServer) -> None:
@@ -247,7 +239,6 @@ def test_resume_after_restart_skips_finished_steps(tmp_path: Path) -> None:
         job = start(srv.client, dataset="toy", **SMALL)
         before = wait(srv.client, job["id"], lambda j: j["done"] >= 3)
         assert before["state"] == "running" and before["done"] == 3
-        time.sleep(0.1)
     finally:
         srv.stop()
     srv = start_server(tmp_path, tiny_loaded())

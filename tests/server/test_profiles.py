@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from laser_ops.testing import save_tiny_model
-from tests.server.conftest import LiveServer, free_port, start_server, tiny_loaded
+from tests.server.conftest import LiveServer, free_port, start_server, tiny_loaded, wait_until
 
 P1 = [{"kind": "laser", "target": "fc_in", "layer": 1, "rank_fraction": 0.1}]
 P2 = [{"kind": "zero", "target": "fc_out", "layer": 0}]
@@ -192,16 +192,13 @@ def test_replicas_sharing_a_store_see_each_others_profiles(tmp_path: Path) -> No
     b = start_server(tmp_path, tiny_loaded(), profile_refresh_s=0.05)
     try:
         assert a.client.post("/v1/profiles", json={"name": "shared", "interventions": P1}).status_code == 201
-        deadline = time.time() + 10
-        while b.client.get("/v1/profiles/shared").status_code != 200:
-            assert time.time() < deadline, "replica B never saw the profile written on A"
-            time.sleep(0.05)
+        wait_until(lambda: b.client.get("/v1/profiles/shared").status_code == 200, timeout=30,
+                   what="replica B to see the profile written on A")
         r = b.client.post("/v1/generate", json={"profile": "shared", "prompt": "Paris is", "max_new_tokens": 3})
         assert r.status_code == 200
         assert a.client.delete("/v1/profiles/shared").status_code == 200
-        while b.client.get("/v1/profiles/shared").status_code != 404:
-            assert time.time() < deadline, "replica B never saw the delete"
-            time.sleep(0.05)
+        wait_until(lambda: b.client.get("/v1/profiles/shared").status_code == 404, timeout=30,
+                   what="replica B to see the delete")
     finally:
         a.stop()
         b.stop()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.conftest import LiveServer, start_server, tiny_loaded
+from tests.server.conftest import LiveServer, start_server, tiny_loaded, wait_until
 
 SPEC = {"target": "fc_in", "layer": 1, "rank_fraction": 0.1}
 
@@ -264,9 +263,7 @@ def test_the_queue_bound_counts_requests_and_429_has_the_error_shape(tmp_path: P
                           ("second", {"prompt": "c", "max_new_tokens": 1})):
             threads.append(threading.Thread(target=send, args=(key, body)))
             threads[-1].start()
-            deadline = time.time() + 60
-            while engine.queue_depth < len(threads) - 1 and time.time() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: engine.queue_depth >= len(threads) - 1, what="the request to queue")
         assert engine.queue_depth == 2  # two requests queued (9 prompts)
         r = s.client.post("/v1/generate", json={"prompt": "d", "max_new_tokens": 1})
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
