@@ -134,7 +134,7 @@ def test_job_accuracy_equals_library_scoring(live: LiveServer, kind: str) -> Non
 @pytest.mark.parametrize(("patch", "status", "loc", "needle"), [
     ({"layers": [7]}, 422, ["body", "layers"], "allowed: 0..2"),
     ({"layers": []}, 422, ["body", "layers"], "at least 1 item"),
-    ({"layers": [True]}, 422, ["body", "layers"], "valid integer"),
+    ({"layers": [True]}, 422, ["body", "layers"], "not a boolean"),
     ({"seed": 2**64}, 422, ["body", "seed"], "less than or equal to 9223372036854775807"),
     ({"types": ["fc_xx"]}, 422, ["body", "types"], "allowed"),
     ({"rhos": [0.5, 1.5]}, 422, ["body", "rhos", 1], "less than or equal to 1"),
