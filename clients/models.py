@@ -100,6 +100,11 @@ class Deleted(Model):
     deleted: bool = True
 
 
+class JobDeleted(Model):
+    id: str
+    deleted: bool = True
+
+
 # ---------------------------------------------------------------------------------------------- inference
 
 
@@ -407,6 +412,7 @@ MIRRORS: dict[type[BaseModel], str] = {
     ExampleSample: "datasets:ExampleSample", DatasetSummary: "datasets:DatasetSummary", Dataset: "datasets:DatasetPublic",
     Accuracy: "jobs:Accuracy", SweepRow: "jobs:SweepRowPublic", McNemar: "jobs:McNemar", TestReport: "jobs:TestReportPublic",
     JobProgress: "jobs:JobProgress", JobSummary: "jobs:JobSummary", Job: "jobs:JobPublic",
+    JobDeleted: "jobs:JobDeleted",
     ModelCard: "openai:ModelCard",
     ExportFile: "exports:ExportFile", ExportMatrix: "exports:ExportMatrix", ExportSummary: "exports:ExportSummary",
     Export: "exports:ExportPublic",
