@@ -35,7 +35,7 @@ app = typer.Typer(name="laser", no_args_is_help=True, rich_markup_mode="rich", a
                        "  laser sweep --dataset epistemic_reasoning --types fc_in --layers=-1,-2 --watch")
 profiles_app = typer.Typer(no_args_is_help=True, help="Named edit profiles: ls, show, create, rm.")
 datasets_app = typer.Typer(no_args_is_help=True, help="Evaluation datasets for sweeps: ls, show, upload, rm.")
-jobs_app = typer.Typer(no_args_is_help=True, help="Sweep jobs: ls, show, examples, cancel.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Sweep jobs: ls, show, examples, cancel, rm.")
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
@@ -694,6 +694,14 @@ def jobs_cancel(job_id: str) -> None:
     with client() as c:
         job = c.cancel_job(job_id)
     console().print(f"job {job.id}: {job.state}")
+
+
+@jobs_app.command("rm")
+def jobs_rm(job_id: str) -> None:
+    """Delete a finished job and its rows (cancel a running one first)."""
+    with client() as c:
+        c.delete_job(job_id)
+    console().print(f"job {job_id}: deleted")
 
 
 @app.command()

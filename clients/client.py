@@ -426,7 +426,12 @@ class _Endpoints(_Base):
         return self._send(Call("GET", f"/v1/jobs/{_seg(job_id)}", "inference", _model(m.Job)))
 
     def cancel_job(self, job_id: str) -> m.Job:
-        return self._send(Call("DELETE", f"/v1/jobs/{_seg(job_id)}", "admin", _model(m.Job)))
+        """Cancel a queued or running job (finished rows are kept; the best so far stays promotable)."""
+        return self._send(Call("POST", f"/v1/jobs/{_seg(job_id)}/cancel", "admin", _model(m.Job)))
+
+    def delete_job(self, job_id: str) -> m.JobDeleted:
+        """Delete a finished job and its rows (a queued or running one must be cancelled first)."""
+        return self._send(Call("DELETE", f"/v1/jobs/{_seg(job_id)}", "admin", _model(m.JobDeleted)))
 
     def job_examples(self, job_id: str, config: str, *, split: str = "validation", filter: str = "flips",
                      offset: int = 0, limit: int = 50) -> m.ExamplePage:

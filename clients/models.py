@@ -100,6 +100,11 @@ class Deleted(Model):
     deleted: bool = True
 
 
+class JobDeleted(Model):
+    id: str
+    deleted: bool = True
+
+
 # ---------------------------------------------------------------------------------------------- inference
 
 
@@ -463,6 +468,7 @@ MIRRORS: dict[type[BaseModel], str] = {
     LabelMetrics: "jobs:LabelMetricsPublic", MajorityBaseline: "jobs:MajorityBaseline",
     ExampleEvidence: "jobs:ExampleEvidence", ExamplePage: "jobs:ExamplePage",
     JobProgress: "jobs:JobProgress", JobSummary: "jobs:JobSummary", Job: "jobs:JobPublic",
+    JobDeleted: "jobs:JobDeleted",
     ModelCard: "openai:ModelCard",
     ExportFile: "exports:ExportFile", ExportMatrix: "exports:ExportMatrix", ExportSummary: "exports:ExportSummary",
     Export: "exports:ExportPublic",

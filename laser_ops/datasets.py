@@ -21,12 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import random
+import string
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from laser_ops.validation import MAX_JSON_DEPTH, InputError, Text, check_json_value, loads_strict
 
 logger = logging.getLogger(__name__)
 
@@ -65,35 +68,63 @@ class DatasetError(ValueError):
         super().__init__(f"{source}: {len(errors)} bad row(s): {head}{more}")
 
 
+TEMPLATE_FIELDS = ("input", "choices")
+
+
+def check_template(template: str) -> None:
+    """ValueError unless ``template`` uses only the plain placeholders {input} (required) and {choices}.
+
+    ``str.format`` would also evaluate ``{input.attr}``, ``{input[0]}``, ``{input!r}`` and format specs such as
+    ``{choices:>50000000}`` (a few bytes that render to megabytes): all are refused, so rendering a stored
+    template can neither fail nor blow up.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"template is not a valid template: {e} (write {{{{ and }}}} for literal braces)") from None
+    names = []
+    for _literal, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in TEMPLATE_FIELDS:
+            raise ValueError(f"template placeholder {{{name}}} is not allowed: use only {{input}} and {{choices}} "
+                             "(no attribute or index access, no positional fields)")
+        if conversion is not None or spec:
+            raise ValueError(f"template placeholder {{{name}}} has a conversion or format spec "
+                             f"({'!' + conversion if conversion else ''}{':' + spec if spec else ''}); "
+                             f"write plain {{{name}}}")
+        names.append(name)
+    if "input" not in names:
+        raise ValueError("template must contain the placeholder {input}")
+
+
 class PromptFormat(BaseModel):
     """How an example's input becomes a prompt (BIG-bench prefix semantics)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task_prefix: str = Field("", description="Text put before every prompt (e.g. the task instructions).")
-    example_input_prefix: str = Field("", description="Text put before the example's input (ignored with "
-                                                      "template).")
-    example_output_prefix: str = Field(" ", description="Text put after the input, just before the answer "
-                                                        "(ignored with template).")
-    choice_prefix: str = Field("\n  choice: ", description="Text put before each choice where the choices are "
-                                                           "listed (append_choices_to_input, or {choices} in "
-                                                           "template).")
+    task_prefix: Text = Field("", description="Text put before every prompt (e.g. the task instructions).")
+    example_input_prefix: Text = Field("", description="Text put before the example's input (ignored with "
+                                                       "template).")
+    example_output_prefix: Text = Field(" ", description="Text put after the input, just before the answer "
+                                                         "(ignored with template).")
+    choice_prefix: Text = Field("\n  choice: ", description="Text put before each choice where the choices are "
+                                                            "listed (append_choices_to_input, or {choices} in "
+                                                            "template).")
     append_choices_to_input: bool = Field(False, description="Append the choices, each after choice_prefix, to "
                                                              "the input (with a template lacking {choices}: after "
                                                              "the rendered template).")
-    template: str | None = Field(None, description=(
-        "Optional str.format template with {input} (and {choices}); replaces the input/output prefixes."))
+    template: Text | None = Field(None, description=(
+        "Optional template with the placeholder {input} (and optionally {choices}); replaces the input/output "
+        "prefixes. Only these two plain placeholders are allowed (no attribute or index access, conversion or "
+        "format spec); write {{ and }} for literal braces."))
 
-    @model_validator(mode="after")
-    def _check_template(self) -> PromptFormat:
-        if self.template is not None:
-            if "{input}" not in self.template:
-                raise ValueError("template must contain the placeholder {input}")
-            try:
-                self.template.format(input="", choices="")
-            except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"template is not a valid format string: {e}") from None
-        return self
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_template(v)
+        return v
 
     def render(self, text: str, choices: Sequence[str] = ()) -> str:
         listed = self.choice_prefix + self.choice_prefix.join(choices) if choices else ""
@@ -113,10 +144,10 @@ class Example(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: int
-    input: str
-    choices: list[str] = Field(default_factory=list)
+    input: Text
+    choices: list[Text] = Field(default_factory=list)
     correct: list[int] = Field(default_factory=list, description="Indices of every correct choice (MC).")
-    targets: list[str] = Field(default_factory=list, description="Accepted answers (generation).")
+    targets: list[Text] = Field(default_factory=list, description="Accepted answers (generation).")
 
     @property
     def gold(self) -> int:
@@ -292,9 +323,11 @@ def parse_jsonl(text: str, name: str, *, format: PromptFormat | None = None, kin
         if not line.strip():
             continue
         try:
-            rows.append((number, json.loads(line)))
+            rows.append((number, loads_strict(line, MAX_JSON_DEPTH)))
         except json.JSONDecodeError as e:
             errors.append({"line": number, "message": f"invalid JSON: {e.msg} (column {e.colno})"})
+        except ValueError as e:  # NaN/Infinity, overflow, lone surrogates, nesting (InputError names the path)
+            errors.append({"line": number, "message": _input_message(e)})
     try:
         dataset = _build(name, rows, format or PromptFormat(), source=source or name, kind=kind)
     except DatasetError as e:
@@ -312,11 +345,14 @@ def parse_bigbench(task: dict[str, Any] | str, name: str | None = None, *, singl
     ``single_target_only`` drops examples with more than one accepted target (the paper's WikidataQA).
     Errors are reported by 1-based example number in ``line``.
     """
-    if isinstance(task, str):
-        try:
-            task = json.loads(task)
-        except json.JSONDecodeError as e:
-            raise DatasetError([{"line": e.lineno, "message": f"invalid JSON: {e.msg}"}], source or "task") from None
+    try:
+        task = loads_strict(task) if isinstance(task, str) else check_json_value(task)
+    except json.JSONDecodeError as e:
+        raise DatasetError([{"line": e.lineno, "message": f"invalid JSON: {e.msg}"}], source or "task") from None
+    except InputError as e:
+        raise _located(e, source or "task") from None
+    except ValueError as e:  # a NaN or Infinity literal
+        raise DatasetError([{"line": None, "message": str(e)}], source or "task") from None
     if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
         raise DatasetError([{"line": None, "message": "a BIG-bench task is an object with an 'examples' list"}],
                            source or "task")
@@ -329,6 +365,20 @@ def parse_bigbench(task: dict[str, Any] | str, name: str | None = None, *, singl
     rows = [(i + 1, ex) for i, ex in enumerate(task["examples"])]
     return _build(name, rows, PromptFormat(**opts), source=source or name, kind=None,
                   single_target_only=single_target_only, canary=task.get("canary"))
+
+
+def _input_message(e: ValueError) -> str:
+    where = "".join(f"[{p!r}]" for p in e.path) if isinstance(e, InputError) else ""
+    return f"{where}: {e}" if where else str(e)
+
+
+def _located(e: InputError, source: str) -> DatasetError:
+    """A task-level :class:`InputError` as a dataset error, on the example it is in when it is in one."""
+    path = e.path
+    if len(path) >= 2 and path[0] == "examples" and isinstance(path[1], int):
+        rest = "".join(f"[{p!r}]" for p in path[2:])
+        return DatasetError([{"line": path[1] + 1, "message": f"{rest}: {e}" if rest else str(e)}], source)
+    return DatasetError([{"line": None, "message": _input_message(e)}], source)
 
 
 def load_dataset(path: str | Path, name: str | None = None, **kwargs: Any) -> Dataset:

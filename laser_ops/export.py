@@ -15,9 +15,13 @@ Two forms:
 Both write ``laser_profile.json`` beside the weights: the profile (interventions JSON), the base
 model fingerprint, the laser-serve version and per-matrix figures (the :class:`ExportReport`).
 
-The profile is applied with ``swapper.applied_profile(specs)`` for the duration of the write and
-the previous state comes back in ``finally``, bit for bit. Like every swap, an export must run on
-the swapper's owner thread (the server's engine thread): see :mod:`laser_ops.swap`.
+An export has two phases. :func:`snapshot_dense` / :func:`snapshot_factored` run on the swapper's
+owner thread (the server's engine thread, see :mod:`laser_ops.swap`): they build the edited tensors
+(``swapper.materialize``: nothing is written into the model) and the factors, and reference the
+unedited parameters. :func:`write_export` then writes the files from any thread, so a server holds
+its model thread for the snapshot only; the caller keeps the base weights unchanged until the write
+ends (the server holds back weight-writing tasks meanwhile). :func:`export_dense` and
+:func:`export_factored` do both in one call.
 
 Files are written into a temporary sibling folder and moved into place at the end, so a failed
 export leaves no half-written folder behind. A non-empty target folder is refused unless
@@ -122,6 +126,22 @@ class ExportReport:
 # --- public API --------------------------------------------------------------------------------
 
 
+@dataclass
+class ExportSnapshot:
+    """Everything an export writes, taken at one moment: see the module docstring."""
+
+    mode: ExportMode
+    model: nn.Module
+    state: dict[str, torch.Tensor]  # the state dict to save (edited entries replaced; factored ones omitted)
+    rows: list[MatrixRow]
+    notes: list[str]
+    specs: list[InterventionSpec]
+    fingerprint: str
+    architecture: str
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    factor_entries: list[dict[str, Any]] = field(default_factory=list)
+
+
 def export_dense(
     model: nn.Module,
     tokenizer: Any,
@@ -140,19 +160,9 @@ def export_dense(
     ``FileExistsError`` for a non-empty ``out_dir`` unless ``overwrite``; an invalid profile
     raises :class:`~laser_ops.interventions.InterventionError` before anything is written.
     """
-    t0 = time.perf_counter()
-    parsed, edits = _plan(model, swapper, specs)
-    out = Path(out_dir)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    rows = [_dense_row(e, params[e.ref.param_name], None) for e in edits]
-    with _staging(out, overwrite) as tmp, swapper.applied_profile(parsed):
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        report = _finish(tmp, out, "dense", rows, [], parsed, swapper, fingerprint, metadata)
-    report.seconds = time.perf_counter() - t0
-    logger.info("exported dense profile %s to %s (%d bytes)", report.profile_signature, out, report.bytes)
-    return report
+    _check_target(Path(out_dir), overwrite)
+    return write_export(snapshot_dense(model, swapper, specs, fingerprint=fingerprint), out_dir, tokenizer=tokenizer,
+                        metadata=metadata, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 def export_factored(
@@ -176,81 +186,124 @@ def export_factored(
     (float32 by default: the loader then reproduces the live weights exactly, since it runs the
     same product the swapper ran). Load the folder with ``laser_loader.load(folder)``.
     """
-    t0 = time.perf_counter()
+    _check_target(Path(out_dir), overwrite)
+    snapshot = snapshot_factored(model, swapper, specs, fingerprint=fingerprint, factor_dtype=factor_dtype)
+    return write_export(snapshot, out_dir, tokenizer=tokenizer, metadata=metadata, overwrite=overwrite,
+                        max_shard_size=max_shard_size)
+
+
+def snapshot_dense(model: nn.Module, swapper: WeightSwapper, specs: ProfileLike, *,
+                   fingerprint: str | None = None) -> ExportSnapshot:
+    """The dense export of ``specs`` (owner thread; writes nothing into the model)."""
     parsed, edits = _plan(model, swapper, specs)
-    out = Path(out_dir)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    rows = [_dense_row(e, params[e.ref.param_name], None) for e in edits]
+    state = _state_with(model, swapper.materialize(parsed))
+    return ExportSnapshot("dense", model, state, rows, [], parsed, fingerprint or swapper.svd_cache.fingerprint,
+                          swapper.targets.spec.name)
+
+
+def snapshot_factored(model: nn.Module, swapper: WeightSwapper, specs: ProfileLike, *,
+                      fingerprint: str | None = None, factor_dtype: torch.dtype = torch.float32) -> ExportSnapshot:
+    """The factored export of ``specs`` (owner thread; writes nothing into the model)."""
+    parsed, edits = _plan(model, swapper, specs)
     params = dict(model.named_parameters(remove_duplicate=False))
     aliases = _aliases(model)
+    edited = swapper.materialize(parsed)
     by_param: dict[str, list[MatrixEdit]] = {}
     for e in edits:
         by_param.setdefault(e.ref.param_name, []).append(e)
 
     rows: list[MatrixRow] = []
     notes: list[str] = []
-    candidates: dict[str, tuple[MatrixEdit, torch.Tensor, torch.Tensor, int]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[dict[str, Any]] = []
+    omit: set[str] = set()
     for name, group in by_param.items():
         param = params[name]
         reason = _unfactorable_reason(group)
-        if reason is None:
-            edit = group[0]
-            A, B, k = _factors(swapper, edit, factor_dtype)
-            dense = _nbytes(edit.ref.shape, param.dtype)
-            factored = (A.numel() + B.numel()) * A.element_size()
-            if factored < dense:
-                candidates[name] = (edit, A, B, k)
-                continue
+        if reason is not None:
+            rows.extend(_dense_row(e, param, None, reason) for e in group)
+            continue
+        edit = group[0]
+        A, B, k = _factors(swapper, edit, factor_dtype)
+        dense = _nbytes(edit.ref.shape, param.dtype)
+        factored = (A.numel() + B.numel()) * A.element_size()
+        if factored >= dense:
             rows.append(_dense_row(edit, param, k, f"rank-{k} factors ({factored} B) are not smaller than the "
                                                    f"dense matrix ({dense} B); stored dense"))
             continue
-        rows.extend(_dense_row(e, param, None, reason) for e in group)
+        served = read_matrix(edited[name], edit.ref).to("cpu", torch.float32)
+        product = (A.to(torch.float32) @ B.to(torch.float32)).to(param.dtype).to(torch.float32)
+        tol = max(1e-5, 4 * torch.finfo(param.dtype).eps) * max(1.0, served.abs().max().item())
+        diff = (product.cpu() - served).abs().max().item()
+        if diff > tol:
+            rows.append(_dense_row(edit, param, k, f"factor product differs from the edited weights by {diff:.3g} "
+                                                   f"(tolerance {tol:.3g}); stored dense"))
+            continue
+        i = len(entries)
+        tensors[f"{i}.A"] = A.contiguous()
+        tensors[f"{i}.B"] = B.contiguous()
+        names = aliases.get(name, [name])
+        omit.update(names)
+        entries.append({
+            "a": f"{i}.A", "b": f"{i}.B", "params": names, "type": edit.ref.type, "layer": edit.ref.layer,
+            "shape": list(edit.ref.shape), "k": k, "transposed": edit.ref.transposed,
+            "kind": edit.spec.kind, "dtype": str(param.dtype).removeprefix("torch."),
+        })
+        rows.append(MatrixRow(name, edit.ref.type, edit.ref.layer, edit.spec.kind, edit.ref.shape, k,
+                              "factored", dense, factored, dense - factored))
+    state = {n: t for n, t in _state_with(model, edited).items() if n not in omit}
+    if not entries:
+        notes.append("no matrix was factored; laser_factors.safetensors is empty and the folder also "
+                     "loads with plain from_pretrained")
+    rows.sort(key=lambda r: (r.layer, r.type))
+    return ExportSnapshot("factored", model, state, rows, notes, parsed, fingerprint or swapper.svd_cache.fingerprint,
+                          swapper.targets.spec.name, tensors, entries)
 
-    with _staging(out, overwrite) as tmp, swapper.applied_profile(parsed):
-        tensors: dict[str, torch.Tensor] = {}
-        entries: list[dict[str, Any]] = []
-        omit: set[str] = set()
-        for name, (edit, A, B, k) in candidates.items():
-            param = params[name]
-            live = read_matrix(param, edit.ref).to("cpu", torch.float32)
-            product = (A.to(torch.float32) @ B.to(torch.float32)).to(param.dtype).to(torch.float32)
-            tol = max(1e-5, 4 * torch.finfo(param.dtype).eps) * max(1.0, live.abs().max().item())
-            diff = (product - live).abs().max().item()
-            if diff > tol:
-                rows.append(_dense_row(edit, param, k, f"factor product differs from the live weights by {diff:.3g} "
-                                                       f"(tolerance {tol:.3g}); stored dense"))
-                continue
-            i = len(entries)
-            tensors[f"{i}.A"] = A.contiguous()
-            tensors[f"{i}.B"] = B.contiguous()
-            names = aliases.get(name, [name])
-            omit.update(names)
-            entries.append({
-                "a": f"{i}.A", "b": f"{i}.B", "params": names, "type": edit.ref.type, "layer": edit.ref.layer,
-                "shape": list(edit.ref.shape), "k": k, "transposed": edit.ref.transposed,
-                "kind": edit.spec.kind, "dtype": str(param.dtype).removeprefix("torch."),
-            })
-            factored = (A.numel() + B.numel()) * A.element_size()
-            dense = _nbytes(edit.ref.shape, param.dtype)
-            rows.append(MatrixRow(name, edit.ref.type, edit.ref.layer, edit.spec.kind, edit.ref.shape, k,
-                                  "factored", dense, factored, dense - factored))
-        state = {n: t for n, t in model.state_dict().items() if n not in omit}
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+
+def write_export(snapshot: ExportSnapshot, out_dir: str | os.PathLike[str], *, tokenizer: Any = None,
+                 metadata: Mapping[str, Any] | None = None, overwrite: bool = False,
+                 max_shard_size: str | int = "5GB") -> ExportReport:
+    """Write a snapshot's files (any thread; the unedited parameters it references must not change meanwhile)."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    with _staging(out, overwrite) as tmp:
+        snapshot.model.save_pretrained(tmp, state_dict=snapshot.state, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / FACTORS_FILE), metadata={
-            "format": FORMAT, "format_version": str(FORMAT_VERSION), "laser_factors": json.dumps(entries)})
-        (tmp / LOADER_FILE).write_text(LOADER_SOURCE)
-        if not entries:
-            notes.append("no matrix was factored; laser_factors.safetensors is empty and the folder also "
-                         "loads with plain from_pretrained")
-        rows.sort(key=lambda r: (r.layer, r.type))
-        report = _finish(tmp, out, "factored", rows, notes, parsed, swapper, fingerprint, metadata)
+        if snapshot.mode == "factored":
+            save_file({k: v.cpu() for k, v in snapshot.factors.items()}, str(tmp / FACTORS_FILE), metadata={
+                "format": FORMAT, "format_version": str(FORMAT_VERSION),
+                "laser_factors": json.dumps(snapshot.factor_entries)})
+            (tmp / LOADER_FILE).write_text(LOADER_SOURCE)
+        report = _finish(tmp, out, snapshot, metadata)
     report.seconds = time.perf_counter() - t0
-    logger.info("exported factored profile %s to %s (%d bytes, %d saved)", report.profile_signature, out,
+    logger.info("exported %s profile %s to %s (%d bytes, %d saved)", snapshot.mode, report.profile_signature, out,
                 report.bytes, report.saved_bytes)
     return report
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Refuse an existing target before any work (``_staging`` checks again when writing)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
+
+
+def _state_with(model: nn.Module, edited: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict with ``edited`` parameters (and every tied name of them) replaced."""
+    aliases = _aliases(model)
+    state = dict(model.state_dict())
+    for name, tensor in edited.items():
+        for alias in aliases.get(name, [name]):
+            if alias in state:
+                state[alias] = tensor
+    return state
 
 
 def _plan(model: nn.Module, swapper: WeightSwapper,
@@ -331,18 +384,16 @@ def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
 
 
-def _finish(tmp: Path, out: Path, mode: ExportMode, rows: list[MatrixRow], notes: list[str],
-            specs: list[InterventionSpec], swapper: WeightSwapper, fingerprint: str | None,
-            metadata: Mapping[str, Any] | None) -> ExportReport:
+def _finish(tmp: Path, out: Path, snapshot: ExportSnapshot, metadata: Mapping[str, Any] | None) -> ExportReport:
+    mode, rows, specs = snapshot.mode, snapshot.rows, snapshot.specs
     dense = sum(r.dense_bytes for r in rows)
     stored = sum(r.stored_bytes for r in rows)
-    notes = notes + sorted({r.note for r in rows if r.note})
+    notes = snapshot.notes + sorted({r.note for r in rows if r.note})
     report = ExportReport(
         path=str(out), mode=mode, files={}, bytes=0, dense_bytes=dense, factored_bytes=stored,
         saved_bytes=dense - stored, rows=rows, notes=notes, profile_signature=profile_signature(specs),
-        fingerprint=fingerprint or swapper.svd_cache.fingerprint)
-    model = swapper.model
-    config = getattr(model, "config", None)
+        fingerprint=snapshot.fingerprint)
+    config = getattr(snapshot.model, "config", None)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -355,7 +406,7 @@ def _finish(tmp: Path, out: Path, mode: ExportMode, rows: list[MatrixRow], notes
             "fingerprint": report.fingerprint,
             "model_type": getattr(config, "model_type", None),
             "name_or_path": getattr(config, "_name_or_path", None),
-            "architecture": swapper.targets.spec.name,
+            "architecture": snapshot.architecture,
         },
         "profile": [s.model_dump(mode="json", exclude_none=True) for s in specs],
         "profile_signature": report.profile_signature,

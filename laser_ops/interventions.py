@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -26,11 +27,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Tag, WithJsonSchema, field_validator, model_validator
 
 from laser_ops.spectral import mp_rank
 from laser_ops.svd import Decomposition
 from laser_ops.targets import GROUPS, TYPES, ModelTargets, TargetError, TargetRef
+from laser_ops.validation import REQUEST_CONFIG, Int, IntRange
 
 EditKindName = Literal["laser", "laser_mp", "keep_bottom", "random_basis", "prune_magnitude", "zero"]
 _RANKED = ("laser", "keep_bottom", "random_basis")
@@ -44,39 +46,78 @@ class InterventionError(ValueError):
         self.loc = loc
 
 
+#: Layer range strings: an int, Python slice syntax ``start:stop[:step]`` (step not 0), or ``all``.
+LAYER_STRING_PATTERN = r"^(?:all|-?[0-9]{1,9}|-?[0-9]{0,9}:-?[0-9]{0,9}(?::(?:-?0{0,8}[1-9][0-9]{0,8})?)?)$"
+_LAYER_STRING = re.compile(LAYER_STRING_PATTERN)
+#: Seeds are signed 64-bit non-negative integers (what JSON clients and SQLite carry exactly).
+MAX_SEED = 2**63 - 1
+
 LayerSpec = Annotated[
-    int | list[int] | str,
-    Field(description="0-based layer: an int (negative counts from the end), a list of ints, "
-                      "a range string 'start:stop' (Python slice, e.g. '-5:'), or 'all'."),
+    Int | Annotated[list[Int], Field(min_length=1, max_length=4096), Tag("list[int]")]
+    | Annotated[str, WithJsonSchema({"type": "string", "pattern": LAYER_STRING_PATTERN}), Tag("str")],
+    Field(description="0-based layer: an int (negative counts from the end), a non-empty list of ints, "
+                      "a range string 'start:stop[:step]' (Python slice, e.g. '-5:'), or 'all'."),
 ]
+
+_KNOB_TYPES = {"rank_fraction": "number", "rank": "integer", "energy": "number", "sparsity": "number"}
+
+
+def _kind_alternative(kinds: Sequence[str], knob: str | None, *, kind_required: bool) -> dict[str, Any]:
+    """One allowed combination of kind and knob: the knob given, every other knob absent or null."""
+    props: dict[str, Any] = {"kind": {"enum": list(kinds)}}
+    props.update({f: ({"type": t} if f == knob else {"type": "null"}) for f, t in _KNOB_TYPES.items()})
+    required = ([knob] if knob else []) + (["kind"] if kind_required else [])
+    return {"properties": props, "required": required}
+
+
+#: The cross-field rule of :meth:`InterventionSpec._check_kind_fields`, in the JSON schema.
+_KIND_RULES = {"anyOf": [
+    *(_kind_alternative(_RANKED, knob, kind_required=False) for knob in ("rank_fraction", "rank", "energy")),
+    _kind_alternative(("laser_mp", "zero"), None, kind_required=True),
+    _kind_alternative(("prune_magnitude",), "sparsity", kind_required=True),
+]}
 
 
 class InterventionSpec(BaseModel):
     """One intervention (tau, l, rho) as users write it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(**REQUEST_CONFIG, frozen=True, json_schema_extra=_KIND_RULES)
 
     kind: EditKindName = Field("laser", description=(
         "laser: keep the top-k singular components. laser_mp: k from the Marchenko-Pastur threshold "
         "(no data). keep_bottom: keep only what laser at the same rank discards (W - W_k). random_basis: "
         "project onto a seeded random rank-k subspace (control). prune_magnitude: zero the smallest-|w| "
         "fraction. zero: drop the matrix."))
-    target: str = Field(..., description=f"LASER type {list(TYPES)} or group {list(GROUPS)}.")
+    target: str = Field(..., description=f"LASER type {list(TYPES)} or group {list(GROUPS)}.",
+                        json_schema_extra={"enum": [*TYPES, *GROUPS]})
     layer: LayerSpec
     rank_fraction: float | None = Field(None, gt=0, le=1, description=(
         "rho in (0, 1]: k = max(1, floor(rho * min(m, n))). For laser, keep_bottom, random_basis."))
-    rank: int | None = Field(None, ge=1, description="Absolute rank k >= 1 (at most min(m, n) of each matrix).")
+    rank: IntRange(ge=1) | None = Field(None, description="Absolute rank k >= 1 (at most min(m, n) of each "
+                                                          "matrix).")
     energy: float | None = Field(None, gt=0, le=1, description=(
         "Smallest k keeping this fraction of the sum of squared singular values, in (0, 1]."))
     sparsity: float | None = Field(None, ge=0, lt=1, description=(
         "prune_magnitude only: fraction of entries (smallest |w|) set to zero, in [0, 1)."))
-    seed: int = Field(0, ge=0, description="random_basis only: seed of the random subspace.")
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="random_basis only: seed of the random subspace.")
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, v: str) -> str:
+        if v not in TYPES and v not in GROUPS:
+            raise ValueError(f"target must be one of the types {list(TYPES)} or groups {list(GROUPS)}, "
+                             f"got {v!r}")
+        return v
+
+    @field_validator("layer")
+    @classmethod
+    def _check_layer(cls, v: int | list[int] | str) -> int | list[int] | str:
+        if isinstance(v, str):
+            _parse_layer_string(v, None)
+        return v
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> InterventionSpec:
-        if self.target not in TYPES and self.target not in GROUPS:
-            raise ValueError(f"target must be one of the types {list(TYPES)} or groups {list(GROUPS)}, "
-                             f"got {self.target!r}")
         given = [f for f in ("rank_fraction", "rank", "energy") if getattr(self, f) is not None]
         if self.kind in _RANKED:
             if len(given) != 1:
@@ -89,8 +130,6 @@ class InterventionSpec(BaseModel):
                 raise ValueError("kind 'prune_magnitude' needs sparsity in [0, 1)")
         elif self.sparsity is not None:
             raise ValueError(f"sparsity only applies to kind 'prune_magnitude', not {self.kind!r}")
-        if isinstance(self.layer, str):
-            _parse_layer_string(self.layer, None)
         return self
 
     def layers(self, num_layers: int) -> list[int]:
@@ -111,21 +150,14 @@ class InterventionSpec(BaseModel):
 
 
 def _parse_layer_string(text: str, num_layers: int | None) -> list[int]:
-    s = text.strip()
-    if s == "all":
+    if not _LAYER_STRING.fullmatch(text):
+        raise ValueError(f"layer string {text!r} must be an int, 'start:stop[:step]' or 'all' (step not 0)")
+    if text == "all":
         return list(range(num_layers)) if num_layers is not None else []
-    parts = s.split(":")
-    try:
-        if len(parts) == 1:
-            values = [int(parts[0])]
-            return values
-        if len(parts) not in (2, 3):
-            raise ValueError
-        nums = [int(p) if p.strip() else None for p in parts]
-        if len(nums) == 3 and nums[2] == 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"layer string {text!r} must be an int, 'start:stop[:step]' or 'all'") from None
+    parts = text.split(":")
+    if len(parts) == 1:
+        return [int(parts[0])]
+    nums = [int(p) if p else None for p in parts]
     if num_layers is None:
         return []
     layers = list(range(num_layers))[slice(*nums)]

@@ -139,6 +139,15 @@ class SvdCache:
     def __contains__(self, key: str) -> bool:
         return key in self._mem
 
+    def has(self, key: str, *, complete: bool = True) -> bool:
+        """Whether ``get(key, complete=...)`` would be answered without computing (memory, or a file on disk)."""
+        with self._lock:
+            dec = self._mem.get(key)
+        if dec is not None and self._fits(dec, None, complete):
+            return True
+        path = self._path(key)
+        return path is not None and path.exists()
+
     def get(self, key: str, matrix: torch.Tensor, *, min_rank: int | None = None, complete: bool = True) -> Decomposition:
         """The decomposition of ``matrix`` (stored under ``key``), computing it if needed.
 

@@ -72,6 +72,21 @@ class EditReport:
     relative_frobenius_error: float
 
 
+@dataclass(frozen=True)
+class DecompositionJob:
+    """One SVD that applying or dry-running a profile would compute, with a CPU copy of the original matrix.
+
+    The copy makes the job independent of the live model: :meth:`run` is safe on any thread while the owner
+    thread keeps swapping and serving, and the cache it fills is then hit by the owner's apply or dry run.
+    """
+
+    key: str
+    matrix: torch.Tensor  # the logical original matrix, float32, on CPU
+
+    def run(self, cache: SvdCache) -> None:
+        cache.get(self.key, self.matrix.to(cache.device), complete=True)
+
+
 @dataclass
 class _Prepared:
     signatures: dict[str, str] = field(default_factory=dict)
@@ -141,6 +156,23 @@ class WeightSwapper:
     def plan(self, specs: ProfileLike) -> list[MatrixEdit]:
         """Validate a profile against this model and expand it to per-matrix edits."""
         return expand(parse_profile(specs), self.targets)
+
+    def missing_decompositions(self, specs: ProfileLike) -> list[DecompositionJob]:
+        """The decompositions ``specs`` need that the SVD cache does not hold, as jobs any thread may run.
+
+        Call on the owner thread (it reads the live weights, which only that thread may swap); it only copies
+        matrices, so it is quick. Dry runs need the complete SVD of every matrix whose kind uses one, and so
+        does ``apply`` (exact method), so those are what is asked for.
+        """
+        jobs: dict[str, DecompositionJob] = {}
+        for edit in self.plan(specs):
+            if not (edit_kind(edit.spec.kind).needs_svd or edit.spec.energy is not None):
+                continue
+            key = edit.ref.key
+            if key in jobs or self.svd_cache.has(key, complete=True):
+                continue
+            jobs[key] = DecompositionJob(key, self.original_matrix(edit.ref).to("cpu", torch.float32, copy=True))
+        return list(jobs.values())
 
     def original_matrix(self, ref: TargetRef) -> torch.Tensor:
         """The base (unedited) logical matrix of ``ref``: the live parameter while it is unedited, else the CPU copy."""
@@ -308,6 +340,21 @@ class WeightSwapper:
                 continue
             evicted = self._edited.pop(old)
             self._edited_bytes -= evicted.numel() * evicted.element_size()
+
+    def materialize(self, specs: ProfileLike) -> dict[str, torch.Tensor]:
+        """The parameters that differ between the live model and the base with ``specs`` applied, without
+        writing any: the edited tensors of ``specs``, and the originals of whatever else is live now.
+
+        Built like ``apply`` builds them (same cache, same checks) and kept in the LRU. Owner thread only.
+        """
+        prepared = self._prepare(specs)
+        for name, sig in prepared.signatures.items():
+            self._remember(name, sig, prepared.tensors[name])
+        out = dict(prepared.tensors)
+        for name in self.applied:
+            if name not in out:
+                out[name] = self._originals[name]
+        return out
 
     def warm(self, specs: ProfileLike) -> int:
         """Materialise a profile into the cache without applying it; returns tensors built."""

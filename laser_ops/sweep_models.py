@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, Tag, WithJsonSchema, field_validator
 
 from laser_ops.evaluation import EvalReport, LabelMetrics
-from laser_ops.interventions import EditKindName
+from laser_ops.interventions import MAX_SEED, EditKindName
 from laser_ops.targets import TYPES, ModelTargets, TargetError
+from laser_ops.validation import REQUEST_CONFIG, Int, IntRange
 
 PAPER_RHOS: tuple[float, ...] = (0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01)
 PAPER_TYPES: tuple[str, ...] = ("fc_in", "fc_out")
@@ -35,7 +36,7 @@ class SweepConfigError(ValueError):
 class SweepConfig(BaseModel):
     """What to search and how; JSON in, JSON out (the server stores it with the job)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     dataset: str | None = Field(None, description="Built-in dataset name (or an id the caller resolves).")
     strategy: Strategy = Field("grid", description=(
@@ -46,15 +47,19 @@ class SweepConfig(BaseModel):
         "best lower bound)."))
     kind: EditKindName = Field("laser", description="Edit kind swept (controls: random_basis, keep_bottom, "
                                                     "prune_magnitude with sparsity = 1 - rho).")
-    types: list[str] = Field(default_factory=lambda: list(PAPER_TYPES), description=f"LASER types, from {TYPES}.")
-    layers: list[int] | Literal["all"] = Field("all", description="0-based layers (negative from the end) or 'all'.")
-    rhos: list[float] = Field(default_factory=lambda: list(PAPER_RHOS), description="Rank fractions in (0, 1].")
-    seed: int = Field(0, ge=0, description="Seeds the split (and random_basis).")
+    types: list[Annotated[str, WithJsonSchema({"type": "string", "enum": list(TYPES)})]] = Field(
+        default_factory=lambda: list(PAPER_TYPES), min_length=1, description=f"LASER types, from {TYPES}.")
+    layers: Annotated[list[Int], Field(min_length=1, max_length=4096), Tag("list[int]")] | Literal["all"] = Field(
+        "all", description="0-based layers (negative from the end) or 'all'.")
+    rhos: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: list(PAPER_RHOS), min_length=1, max_length=1024,
+        description="Rank fractions in (0, 1].")
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="Seeds the split (and random_basis).")
     validation_fraction: float = Field(0.2, gt=0, lt=1, description=(
         "Share of the dataset held out for validation (seeded, stratified by gold label); the rest is test."))
-    max_validation_examples: int | None = Field(None, ge=2, description=(
+    max_validation_examples: IntRange(ge=2) | None = Field(None, description=(
         "Cap on validation examples (a seeded stratified subsample); unset: the whole split."))
-    max_test_examples: int | None = Field(None, ge=2, description=(
+    max_test_examples: IntRange(ge=2) | None = Field(None, description=(
         "Cap on test examples (a seeded stratified subsample); unset: the whole split."))
     metric: Literal["accuracy", "balanced_accuracy", "log_loss"] = Field("accuracy", description=(
         "Selection metric on validation; ties go to lower log-loss. balanced_accuracy (mean recall per gold "
@@ -62,19 +67,19 @@ class SweepConfig(BaseModel):
     allow_collapsed: bool = Field(False, description=(
         "Let a collapsed config win (one that gives its most frequent answer on >= 95% of validation "
         "examples); by default such a config only moved the label bias and cannot win."))
-    halving_min_examples: int = Field(32, ge=2, description=(
+    halving_min_examples: Int = Field(32, ge=2, description=(
         "successive_halving: validation examples of the first round (each round doubles the subset)."))
     halving_confidence: float = Field(0.95, gt=0.5, lt=1, description=(
         "successive_halving: confidence of the Wilson bounds that decide elimination."))
     normalize: bool = Field(False, description="Multiple choice: compare per-token log-probs.")
-    max_new_tokens: int = Field(10, ge=1, le=512, description="Generation: greedy tokens decoded.")
-    max_configs: int | None = Field(None, ge=1, description="Budget: configs evaluated (base not counted).")
+    max_new_tokens: Int = Field(10, ge=1, le=512, description="Generation: greedy tokens decoded.")
+    max_configs: IntRange(ge=1) | None = Field(None, description="Budget: configs evaluated (base not counted).")
     time_limit_s: float | None = Field(None, gt=0, description="Budget: wall-clock seconds of search.")
     max_perplexity_ratio: float | None = Field(None, gt=1, description=(
         "Guard: reject configs whose perplexity on the validation texts exceeds base x this ratio."))
     fast: bool = Field(True, description=(
         "Use the layer-cached multiple-choice evaluator (all rho of a matrix in one replicated pass)."))
-    batch_size: int = Field(16, ge=1, le=1024, description=(
+    batch_size: Int = Field(16, ge=1, le=1024, description=(
         "Sequences per forward pass of the fast multiple-choice evaluator."))
 
     @field_validator("types")

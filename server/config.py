@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="Bearer key for inference (generate, score, compare, completions). Unset: open.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (JSON list). Empty: CORS off.")
     default_profile: str = Field("base", description="Profile used when a request names none (pin production traffic here).")
-    max_queue: int = Field(256, ge=1, description="Pending requests before 429 with Retry-After.")
+    max_queue: int = Field(256, ge=1, description="Queued requests (each may hold several prompts) before 429 with Retry-After.")
     max_running: int = Field(16, ge=1, le=1024, description=(
         "Rows in the continuous batch at once (generating, scoring or prefilling; any mix of profiles). "
         "Requests beyond it wait and join as rows finish."))

@@ -31,6 +31,7 @@ State a caller may read (metrics, ``active_profile``, counters) is updated befor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ from laser_ops.batching.scheduler import SchedulerConfig
 from laser_ops.batching.sequence import SeqStatus
 from laser_ops.interventions import InterventionSpec
 from laser_ops.scoring import (
+    GenerationDelta,
     GenerationRequest,
     GenerationResult,
     HFScorer,
@@ -204,6 +206,7 @@ class Engine:
         self._background_due = 0.0  # when the head background job was last served (starvation bound)
         self._job_seconds = 0.5  # moving estimate of a request's time in the engine, for Retry-After
         self._stalled = False  # the last step could run nothing (rows wait for a profile being compiled)
+        self._weights_held = 0  # > 0: someone reads the base weights off this thread (an export being written)
         self._bytes_written_seen = swapper.bytes_written
         #: Steps run, and steps whose rows belonged to more than one profile.
         self.steps_run = 0
@@ -279,7 +282,7 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("server is shutting down")
-            if op != "task" and self._queued + 1 > self.max_queue:
+            if op != "task" and self._queued >= self.max_queue:
                 self.metrics.rejected.labels(job.label).inc()
                 raise EngineOverloaded(self._retry_after())
             if op != "task":
@@ -307,31 +310,51 @@ class Engine:
         with self._cond:
             self._cond.notify()
 
-    def check_capacity(self, size: int = 1) -> None:
-        """Raise :class:`EngineOverloaded` if ``size`` more queued requests would not fit right now."""
-        if self._queued + size > self.max_queue:
+    def check_capacity(self) -> None:
+        """Raise :class:`EngineOverloaded` if one more queued request would not fit right now (the bound counts
+        requests, whatever number of prompts or continuations each holds)."""
+        if self._queued >= self.max_queue:
             raise EngineOverloaded(self._retry_after())
 
     def _retry_after(self) -> float:
         per_slot = max(1, self.batch.config.max_running)
         return max(1.0, round((self._queued / per_slot + 1) * self._job_seconds))
 
+    @contextlib.asynccontextmanager
+    async def weights_held(self) -> AsyncIterator[None]:
+        """While held, background tasks (sweep steps, which swap weights) wait: another thread may read the
+        base weights meanwhile (an export writes them). Serving goes on: it never writes weights."""
+        with self._cond:
+            self._weights_held += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._weights_held -= 1
+                self._cond.notify()
+
     async def generate(self, profile: str | ResolvedProfile, requests: list[GenerationRequest],
                        **kw: Any) -> Served[list[GenerationResult]]:
         return await self.submit(profile, "generate", requests, **kw)
 
     async def generate_stream(self, profile: str | ResolvedProfile, request: GenerationRequest
-                              ) -> AsyncIterator[str | GenerationResult]:
-        """Yield text deltas as they are decoded, then the final result (its stamp: ``resolve(profile)``).
+                              ) -> AsyncIterator[str | GenerationDelta | GenerationResult]:
+        """Yield text deltas as they are decoded (a :class:`GenerationDelta` with each piece's tokens and
+        log-probs when the request asks for log-probs, else the text), then the final result (its stamp:
+        ``resolve(profile)``).
 
         Closing the iterator early (client gone) cancels the request on the engine.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str] = asyncio.Queue()
+        queue: asyncio.Queue[str | GenerationDelta] = asyncio.Queue()
         cancelled = threading.Event()
-        req = replace(request, on_text=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+
+        def push(delta: str | GenerationDelta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        req = replace(request, on_delta=push) if request.logprobs is not None else replace(request, on_text=push)
         task = asyncio.ensure_future(self.submit(profile, "generate", [req], cancelled=cancelled))
-        getter: asyncio.Future[str] | None = None
+        getter: asyncio.Future[str | GenerationDelta] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -397,7 +420,7 @@ class Engine:
                     or any(j.cancelled.is_set() for j in self._running) or self._background_ready())
 
     def _background_ready(self) -> bool:
-        if not self._background:
+        if not self._background or self._weights_held:
             return False
         if time.perf_counter() >= self._background_due + self.background_max_wait_s:
             return True  # inference has kept it waiting long enough

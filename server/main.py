@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,6 +19,7 @@ from laser_ops.loading import LoadedModel
 from server.config import Settings
 from server.errors import error_body, install_error_handlers
 from server.metrics import Metrics
+from server.openapi import install_openapi
 from server.routes import datasets, exports, inference, jobs, openai, profiles, spectra, system, ui
 from server.serving import datasets as datasets_serving
 from server.serving import jobs as jobs_serving
@@ -34,6 +36,11 @@ def _include_feature_routers(app: FastAPI) -> None:
     """Routers of each feature; a feature module exposes ``router`` (and optionally ``on_startup``)."""
     for router in ROUTERS:
         app.include_router(router)
+
+
+def _operation_id(route: APIRoute) -> str:
+    """OpenAPI operationIds are the route functions' names (stable, and what the schema's links name)."""
+    return route.name
 
 
 class _BodyTooLarge(BaseException):
@@ -111,7 +118,7 @@ class RequestMetricsMiddleware:
 
     @staticmethod
     async def _too_large(scope: Scope, receive: Receive, send: Send, message: str) -> None:
-        await JSONResponse(error_body(message), 413)(scope, receive, send)
+        await JSONResponse(error_body(message, ("body",), "too_large"), 413)(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None,
@@ -160,6 +167,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
         description="Named edit profiles applied by reversible weight swaps; generate, score and A/B "
                     "compare per profile; OpenAI-compatible API; validation sweeps as background jobs.",
         lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -171,7 +179,9 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    install_error_handlers(app)
     _include_feature_routers(app)
     ui.mount(app)
+    app.state.api_routes = [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
+    install_error_handlers(app)
+    install_openapi(app, settings)
     return app

@@ -14,6 +14,7 @@ from laser_ops.swap import WeightSwapper
 from laser_ops.targets import ArchSpec, FusedSlice, ModelDescription, ModelTargets, TypeSlot, register_architecture
 
 from server.config import Settings
+from server.decompositions import Decomposer
 from server.engine import Engine
 from server.metrics import Metrics
 from server.store import Database, ProfileStore, SqlProfileBackend, open_database
@@ -29,12 +30,14 @@ class Services:
     swapper: WeightSwapper
     scorer: HFScorer
     engine: Engine
+    decomposer: Decomposer
     db: Database
     profiles: ProfileStore
     metrics: Metrics
     extras: dict[str, Any] = field(default_factory=dict)  # stores/runners added by other features
 
     def close(self) -> None:
+        self.decomposer.close()
         self.engine.stop()
         self.db.close()
 
@@ -85,4 +88,6 @@ def build_services(settings: Settings, metrics: Metrics, loaded: LoadedModel | N
     metrics.set_active("base", None)
     logger.info("ready: %s (fingerprint %s) with %d stored profiles in %s", loaded.model_id,
                 loaded.fingerprint[:16], len(profiles.list()), db.describe())
-    return Services(settings, loaded, targets.describe(), swapper, scorer, engine, db, profiles, metrics)
+    decomposer = Decomposer(engine, svd_cache)
+    return Services(settings, loaded, targets.describe(), swapper, scorer, engine, decomposer, db, profiles,
+                    metrics)

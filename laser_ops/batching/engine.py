@@ -35,7 +35,7 @@ from laser_ops.batching.sampler import SamplingParams, new_generator, sample
 from laser_ops.batching.scheduler import Scheduler, SchedulerConfig, StepPlan
 from laser_ops.batching.sequence import Sequence as Row
 from laser_ops.batching.sequence import SeqStatus
-from laser_ops.scoring.api import GenerationRequest, GenerationResult
+from laser_ops.scoring.api import GenerationDelta, GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,23 @@ class Generation:
     token_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     result: GenerationResult | None = None
+    delivered: int = 0  # tokens already handed to ``on_delta``
+
+    def emit(self, final: bool = False) -> None:
+        """Hand the text that is safe to show (all of it when ``final``) to the request's callbacks."""
+        req = self.request
+        if req.on_text is None and req.on_delta is None:
+            return
+        piece = self.stream.delta(final)
+        if piece and req.on_text is not None:
+            req.on_text(piece)
+        n = len(self.row.output_ids)
+        if req.on_delta is not None and (piece or (final and n > self.delivered)):
+            start, self.delivered = self.delivered, n
+            want = req.logprobs is not None
+            req.on_delta(GenerationDelta(piece, self.row.output_ids[start:n],
+                                         self.token_logprobs[start:n] if want else None,
+                                         self.top_logprobs[start:n] if want else None))
 
     @property
     def done(self) -> bool:
@@ -252,10 +269,7 @@ class BatchEngine:
             return self._end(gen, "stop")
         if len(row.output_ids) >= row.max_new_tokens:
             return self._end(gen, "length")
-        if req.on_text is not None:
-            delta = gen.stream.delta()
-            if delta:
-                req.on_text(delta)
+        gen.emit()
         return False
 
     def _end(self, gen: Generation, reason: str) -> bool:
@@ -266,10 +280,7 @@ class BatchEngine:
 
     def _finish(self, gen: Generation, reason: str) -> None:
         gen.stream.finish()
-        if gen.request.on_text is not None:
-            delta = gen.stream.delta(final=True)
-            if delta:
-                gen.request.on_text(delta)
+        gen.emit(final=True)
         want = gen.request.logprobs is not None
         gen.result = GenerationResult(
             text=gen.stream.text, token_ids=list(gen.row.output_ids), finish_reason=reason,  # type: ignore[arg-type]

@@ -172,15 +172,25 @@ class Scheduler:
         return None
 
     def _admit(self, plan: StepPlan, is_ready: Callable[[Hashable], bool]) -> None:
+        """Oldest first. A row waiting for its prefix, or for a profile being compiled, is passed over (it keeps
+        its place). Each admitted prefix with rows still to come keeps one slot in reserve for them, so a queue of
+        prefixes cannot fill every slot while their rows wait: a new prefix needs room for itself, one of its rows
+        and the reserve; a plain row needs room beyond the reserve; a prefix's own rows may use the reserve."""
+        reserved = sum(1 for s in self.others.values() if s.is_prefix and s.waiting_children > 0)
         kept: deque[Sequence] = deque()
         while self.waiting:
             seq = self.waiting.popleft()
             if seq.finished:  # a prefix whose rows were all cancelled before it started
                 continue
             free = self.config.max_running - self.running
-            blocked = (not is_ready(seq.tag)
-                       or (seq.prefix is not None and seq.prefix.status is not SeqStatus.READY)
-                       or free < (2 if seq.is_prefix else 1))  # a prefix leaves room for its rows
+            if seq.prefix is not None:
+                need = 1
+            elif seq.is_prefix:
+                need = reserved + 2
+            else:
+                need = reserved + 1
+            blocked = (not is_ready(seq.tag) or free < need
+                       or (seq.prefix is not None and seq.prefix.status is not SeqStatus.READY))
             if blocked:
                 kept.append(seq)
                 if free < 1:
@@ -191,12 +201,16 @@ class Scheduler:
             seq.slot = slot
             seq.status = SeqStatus.PREFILL
             self.others[slot] = seq
+            if seq.is_prefix and seq.waiting_children > 0:
+                reserved += 1
             if seq.prefix is not None:
                 donor = seq.prefix
                 assert donor.slot is not None
                 plan.copies.append((donor.slot, slot, donor.computed))
                 seq.computed = donor.computed
                 self._child_gone(donor)
+                if donor.waiting_children == 0:
+                    reserved -= 1
         kept.extend(self.waiting)
         self.waiting = kept
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from laser_ops.scoring.api import (
     DEFAULT_MAX_LENGTH_CAP,
     ChoicePrediction,
+    GenerationDelta,
     GenerationRequest,
     GenerationResult,
     LoglikelihoodResult,
@@ -34,6 +35,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_MAX_LENGTH_CAP",
     "ChoicePrediction",
+    "GenerationDelta",
     "GenerationRequest",
     "GenerationResult",
     "HFScorer",

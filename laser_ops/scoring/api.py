@@ -86,6 +86,8 @@ class GenerationRequest:
     ``on_text`` receives text deltas as they are decoded (their concatenation is the final text);
     ``is_cancelled`` is polled before the prompt is processed and before every token. ``logprobs`` (N) records the chosen token's log-prob and the
     top-N alternatives under the model's raw distribution (before temperature and filtering).
+    ``on_delta`` is ``on_text`` with the tokens that produced each piece (:class:`GenerationDelta`), so a
+    stream can send each delta's log-probs with it; the deltas' tokens together are the result's tokens.
     """
 
     prompt: str | None = None
@@ -100,6 +102,7 @@ class GenerationRequest:
     is_cancelled: Callable[[], bool] | None = None
     logprobs: int | None = None
     on_first_token: Callable[[], None] | None = None  # called once, when the first token is chosen (TTFT)
+    on_delta: Callable[[GenerationDelta], None] | None = None
 
     def __post_init__(self) -> None:
         # Fail at construction, where the caller can still map the error to a 400, not mid-batch.
@@ -107,8 +110,8 @@ class GenerationRequest:
             raise ValueError("GenerationRequest needs exactly one of prompt or prompt_ids")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -117,6 +120,18 @@ class GenerationRequest:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """One streamed piece of text and the tokens decoded since the previous piece (with their log-probs when
+    the request asked for them). A piece may hold several tokens: text is held back while a token ends inside
+    a multi-byte character or could begin a stop string."""
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,9 @@ class HFScorer(Scorer):
     """:class:`Scorer` for a Hugging Face causal LM, on whatever device the model is on.
 
     Not thread-safe: callers serialise access (the model is shared state). ``batch_size`` bounds the
-    rows computed together; ``max_batch_tokens`` the tokens of one step (longer prompts are computed in
-    chunks); ``max_length`` is the scoring window (default: the model's maximum positions, capped at
-    :data:`DEFAULT_MAX_LENGTH_CAP`).
+    rows in flight at once (generating, or scoring windows, which mostly last one step);
+    ``max_batch_tokens`` the tokens of one step (longer inputs are computed in chunks); ``max_length`` is
+    the scoring window (default: the model's maximum positions, capped at :data:`DEFAULT_MAX_LENGTH_CAP`).
     """
 
     def __init__(
@@ -74,7 +74,7 @@ class HFScorer(Scorer):
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         *,
-        batch_size: int = 16,
+        batch_size: int = 32,
         max_length: int | None = None,
         max_batch_tokens: int = 4096,
     ) -> None:

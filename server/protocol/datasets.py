@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from laser_ops.datasets import DatasetKind, PromptFormat
+from server.protocol.errors import ErrorBody
+from server.protocol.validation import JsonValue, RequestModel, Text
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SAMPLE_SIZE = 3
 
 
-class DatasetCreate(BaseModel):
+class DatasetCreate(RequestModel):
     """Body of ``POST /v1/datasets``: the file's text (or a BIG-bench task object) and how to read it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=DATASET_NAME_PATTERN, max_length=64,
                       description="Dataset name: 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
@@ -23,16 +23,17 @@ class DatasetCreate(BaseModel):
     format: Literal["jsonl", "bigbench"] = Field(..., description="'jsonl': one example per line "
                                                                   "({input, choices, answer} | {input, targets}); "
                                                                   "'bigbench': a BIG-bench JSON task.")
-    content: str | dict[str, Any] = Field(..., description="The JSONL text, or the BIG-bench task as a JSON "
-                                                           "string or object.")
+    content: Text | dict[str, JsonValue] = Field(..., description="The JSONL text, or the BIG-bench task as a "
+                                                                 "JSON string or object.")
     kind: DatasetKind | None = Field(None, description="Expected kind; rows of the other kind are reported as "
                                                        "bad. Default: inferred from the rows.")
-    prompt_template: str | None = Field(None, max_length=4000, description=(
-        "str.format template with {input} (and optionally {choices}), e.g. 'Q: {input}\\nA:'. For BIG-bench "
-        "tasks it replaces the input/output prefixes (task_prefix is kept)."))
+    prompt_template: Text | None = Field(None, max_length=4000, description=(
+        "Template with the placeholder {input} (and optionally {choices}), e.g. 'Q: {input}\\nA:'; only these "
+        "two plain placeholders (no attribute or index access, conversion or format spec; {{ and }} are literal "
+        "braces). For BIG-bench tasks it replaces the input/output prefixes (task_prefix is kept)."))
     single_target_only: bool = Field(False, description="BIG-bench generation: drop examples with more than "
                                                         "one accepted target (the paper's WikidataQA).")
-    description: str = Field("", max_length=2000, description="Free text shown in listings.")
+    description: Text = Field("", max_length=2000, description="Free text shown in listings.")
 
 
 class BadRow(BaseModel):
@@ -43,12 +44,12 @@ class BadRow(BaseModel):
     message: str = Field(..., description="What is wrong with it.")
 
 
-class DatasetRejected(BaseModel):
-    """422 answer of an upload with bad rows: every problem, nothing stored."""
+class DatasetRejected(ErrorBody):
+    """422 answer of ``POST /v1/datasets``: the request's invalid fields, or every bad row of the upload (each
+    in ``detail`` with loc ['body', 'content', line], and by line in ``errors``); nothing is stored either way."""
 
-    detail: list[dict[str, Any]] = Field(..., description="FastAPI-style errors, one per bad row "
-                                                          "(loc = ['body', 'content', line]).")
-    errors: list[BadRow] = Field(..., description="The bad rows, by line number.")
+    errors: list[BadRow] = Field(default_factory=list, description="The bad rows, by line number (empty when a "
+                                                                   "request field, not the content, is at fault).")
 
 
 class ExampleSample(BaseModel):

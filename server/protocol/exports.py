@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from server.protocol.validation import RequestModel
 
 EXPORT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
 
 ExportMode = Literal["dense", "factored"]
 
 
-class ExportCreate(BaseModel):
+class ExportCreate(RequestModel):
     """Body of ``POST /v1/profiles/{name}/export`` (every field optional: ``{}`` is a dense export)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: ExportMode = Field("dense", description="'dense': a standard Hugging Face folder that plain "
                                                   "transformers loads; 'factored': each low-rank edited matrix "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from laser_ops.scoring import GenerationRequest
 from server.protocol.profiles import ProfileName
+from server.protocol.validation import Int, IntRange, RequestModel, Text, one_of_groups
 
 #: Response header naming the weights that computed an answer: "<profile>; hash=<interventions hash>".
 PROFILE_HEADER = "X-Laser-Profile"
@@ -19,41 +20,40 @@ DEFAULT_MAX_NEW_TOKENS = 32
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+StopString = Annotated[Text, Field(min_length=1, max_length=256)]
+_ONE_PROMPT_FIELD = one_of_groups({"prompt": "string"}, {"prompts": "array"})
 
 
 # ---------------------------------------------------------------------------------------------- generate
 
 
-class GenerateParams(_Strict):
+class GenerateParams(RequestModel):
     """What to generate and how to sample (no profile: compare reuses it across profiles)."""
 
-    prompt: str | None = Field(None, description="One prompt (give exactly one of prompt or prompts).",
-                               examples=["The capital of France is"])
-    prompts: list[str] | None = Field(None, min_length=1, max_length=MAX_PROMPTS,
-                                      description=f"Several prompts, answered in order (at most {MAX_PROMPTS}).")
-    max_new_tokens: int | None = Field(None, ge=0, description=f"Most tokens to generate per prompt (default "
-                                                               f"{DEFAULT_MAX_NEW_TOKENS}, capped at the server's "
-                                                               "max_new_tokens; larger values answer 422).")
-    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 is greedy (deterministic); > 0 samples.")
+    model_config = ConfigDict(json_schema_extra=_ONE_PROMPT_FIELD)
+
+    prompt: Text | None = Field(None, description="One prompt (give exactly one of prompt or prompts).",
+                                examples=["The capital of France is"])
+    prompts: list[Text] | None = Field(None, min_length=1, max_length=MAX_PROMPTS,
+                                       description=f"Several prompts, answered in order (at most {MAX_PROMPTS}).")
+    max_new_tokens: IntRange(ge=0) | None = Field(None, description=f"Most tokens to generate per prompt (default "
+                                                               f"{DEFAULT_MAX_NEW_TOKENS}, at most the server's "
+                                                               "max_new_tokens).")
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 is greedy (deterministic); > 0 samples "
+                                                                 "(any positive value, however small).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 switches it off.")
-    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 switches it off.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+    top_k: Int = Field(0, ge=0, description="Keep the k most likely tokens; 0 switches it off.")
+    seed: IntRange(ge=0, le=2**63 - 1) | None = Field(None,
                              description="Seeds this request's sampler: the same seed gives the same text, "
                                          "whatever else shares the batch.")
-    stop: list[str] | str | None = Field(None, description=f"Stop strings (at most {MAX_STOP}); the text is cut "
-                                                           "before the first one.")
+    stop: Annotated[list[StopString], Field(max_length=MAX_STOP)] | StopString | None = Field(
+        None, description=f"Stop strings of 1-256 characters (at most {MAX_STOP}); the text is cut before the "
+                          "first one.")
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: list[str] | str | None) -> list[str]:
-        items = [v] if isinstance(v, str) else list(v or [])
-        if len(items) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
-        if any(not s or len(s) > 256 for s in items):
-            raise ValueError("stop strings must be 1..256 characters")
-        return items
+        return [v] if isinstance(v, str) else list(v or [])
 
     @model_validator(mode="after")
     def _one_prompt_field(self) -> GenerateParams:
@@ -75,9 +75,16 @@ class GenerateParams(_Strict):
 class GenerateRequest(GenerateParams):
     """Body of ``POST /v1/generate``."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _ONE_PROMPT_FIELD,
+        {"anyOf": [{"properties": {"stream": {"const": False}}},  # a stream answers a single prompt
+                   {"properties": {"prompts": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 1}]}}}]},
+    ]})
+
     profile: ProfileName | None = Field(None, description="Profile that serves the request (default: the "
                                                            "server's default_profile, normally 'base').")
-    stream: bool = Field(False, description="Answer Server-Sent Events, one per text delta (single prompt only).")
+    stream: bool = Field(False, description="Answer Server-Sent Events, one per text delta (single prompt only: "
+                                            "'prompt' or a one-element 'prompts').")
 
     @model_validator(mode="after")
     def _stream_single(self) -> GenerateRequest:
@@ -134,18 +141,21 @@ class StreamError(BaseModel):
 # ---------------------------------------------------------------------------------------------- score
 
 
-class ScoreParams(_Strict):
+class ScoreParams(RequestModel):
     """Either a context and candidate continuations (log-probs, argmax) or a text (perplexity)."""
 
-    context: str | None = Field(None, description="Text the continuations are conditioned on ('' allowed).",
-                                examples=["The capital of France is"])
-    continuations: list[str] | None = Field(
+    model_config = ConfigDict(json_schema_extra=one_of_groups({"context": "string", "continuations": "array"},
+                                                              {"text": "string"}))
+
+    context: Text | None = Field(None, description="Text the continuations are conditioned on ('' allowed).",
+                                 examples=["The capital of France is"])
+    continuations: list[Text] | None = Field(
         None, min_length=1, max_length=MAX_CONTINUATIONS,
         description="Candidates scored as log P(continuation | context); put the separating space at the start "
                     "of each (' Paris').", examples=[[" Paris", " Rome"]])
     normalize: bool = Field(False, description="Pick the argmax by log-prob per token instead of the sum.")
-    text: str | None = Field(None, min_length=1, description="A whole text whose perplexity to compute "
-                                                             "(instead of context/continuations).")
+    text: Text | None = Field(None, min_length=1, description="A whole text whose perplexity to compute "
+                                                              "(instead of context/continuations).")
 
     @model_validator(mode="after")
     def _one_mode(self) -> ScoreParams:
@@ -193,10 +203,12 @@ class ScoreResponse(BaseModel):
 # ---------------------------------------------------------------------------------------------- compare
 
 
-class CompareRequest(_Strict):
+class CompareRequest(RequestModel):
     """Body of ``POST /v1/compare``: the same generate or score request on each profile (A/B)."""
 
-    profiles: list[ProfileName] = Field(..., min_length=2, max_length=8,
+    model_config = ConfigDict(json_schema_extra=one_of_groups({"generate": "object"}, {"score": "object"}))
+
+    profiles: list[ProfileName] = Field(..., min_length=2, max_length=8, json_schema_extra={"uniqueItems": True},
                                         description="Profiles to compare; the first is the reference of the diff.",
                                         examples=[["base", "late-fc-in"]])
     generate: GenerateParams | None = Field(None, description="A generate request (no streaming).")

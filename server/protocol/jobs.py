@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from laser_ops.sweeps import SweepConfig
 from server.protocol.datasets import DATASET_NAME_PATTERN
 from server.protocol.profiles import ProfileName
+from server.protocol.validation import RequestModel, Text
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -220,12 +221,17 @@ class JobList(BaseModel):
     data: list[JobSummary] = Field(..., description="Jobs.")
 
 
-class PromoteRequest(BaseModel):
+class PromoteRequest(RequestModel):
     """Body of ``POST /v1/jobs/{id}/promote``."""
 
-    model_config = ConfigDict(extra="forbid")
-
     name: ProfileName
-    description: str | None = Field(None, max_length=2000, description="Profile description (default: the "
+    description: Text | None = Field(None, max_length=2000, description="Profile description (default: the "
                                                                         "job, config and accuracies).")
     replace: bool = Field(False, description="Replace an existing profile of that name instead of 409.")
+
+
+class JobDeleted(BaseModel):
+    """Answer of ``DELETE /v1/jobs/{id}``."""
+
+    id: str = Field(..., description="The deleted job.")
+    deleted: bool = Field(True, description="Always true (an unknown id answers 404).")

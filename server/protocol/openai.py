@@ -9,9 +9,15 @@ stored profile name.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+
+from laser_ops.validation import REQUEST_CONFIG
+from server.protocol.validation import Int, IntRange, JsonValue, Text, one_of_groups
+
+#: OpenAI requests carry many fields laser-serve does not use: unknown ones are ignored, known ones are strict.
+_OPENAI_REQUEST = ConfigDict(**{**REQUEST_CONFIG, "extra": "ignore"})
 
 #: Most alternatives per position a request may ask for (vLLM's default cap; OpenAI allows 5 / 20).
 MAX_LOGPROBS = 20
@@ -59,7 +65,7 @@ class ModelList(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _OPENAI_REQUEST
     include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices) before [DONE].")
 
 
@@ -75,27 +81,41 @@ def _no_effect(name: str, value: Any, neutral: tuple[Any, ...]) -> Any:
     return value
 
 
+#: ``stream_options`` only goes with ``stream: true`` (as in OpenAI's API).
+_STREAM_OPTIONS_RULE = {"anyOf": [{"properties": {"stream": {"const": True}}, "required": ["stream"]},
+                                  {"properties": {"stream_options": {"type": "null"}}}]}
+
+
+def _only(*values: Any) -> Any:
+    """Schema of a field laser-serve accepts only with a neutral value (its validator says why)."""
+    return WithJsonSchema({"anyOf": [*({"const": v} for v in values), {"type": "null"}]})
+
+
 class _SamplingBase(BaseModel):
     """Fields completions and chat share; unknown fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(**_OPENAI_REQUEST, json_schema_extra=_STREAM_OPTIONS_RULE)
 
-    model: str | None = Field(None, description="'base' or a profile name (see GET /v1/models); unset: the "
-                                                "server's default profile. The base model's own id also means 'base'.")
+    model: Text | None = Field(None, min_length=1, description=(
+        "'base' or a profile name (see GET /v1/models); unset or null: the server's default profile. The base "
+        "model's own id also means 'base'."))
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy (deterministic).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 switches it off.")
-    top_k: int = Field(-1, ge=-1, description="Extension (vLLM): keep the k most likely tokens; -1 or 0: off.")
-    n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
+    top_k: Int = Field(-1, ge=-1, description="Extension (vLLM): keep the k most likely tokens; -1 or 0: off.")
+    n: Int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
     stream: bool = Field(False, description="Send server-sent events, ending with `data: [DONE]`.")
-    stream_options: StreamOptions | None = Field(None, description="With stream: true, e.g. include_usage.")
-    stop: str | list[str] | None = Field(None, description="Stop strings; the text ends just before the first one.")
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true, e.g. include_usage.")
+    stop: Text | Annotated[list[Text], Field(max_length=16)] | None = Field(
+        None, description="Stop strings (at most 16); the text ends just before the first one.")
+    seed: IntRange(ge=-(2**63), le=2**63 - 1) | None = Field(None,
                              description="Reproducible sampling (a signed 64-bit int); choice j of a prompt uses "
                                          "seed + j.")
-    presence_penalty: float | None = Field(None, description="Only 0 / unset.")
-    frequency_penalty: float | None = Field(None, description="Only 0 / unset.")
-    logit_bias: dict[str, float] | None = Field(None, description="Only empty / unset.")
-    user: str | None = Field(None, description="Accepted and ignored.")
+    presence_penalty: Annotated[float | None, _only(0)] = Field(None, description="Only 0 / unset.")
+    frequency_penalty: Annotated[float | None, _only(0)] = Field(None, description="Only 0 / unset.")
+    logit_bias: Annotated[dict[Text, float] | None, WithJsonSchema(
+        {"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]})] = Field(
+        None, description="Only empty / unset.")
+    user: Text | None = Field(None, description="Accepted and ignored.")
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -115,6 +135,12 @@ class _SamplingBase(BaseModel):
         items = [v] if isinstance(v, str) else list(v or [])
         return [s for s in items if s]
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingBase:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
     @property
     def stop_list(self) -> list[str]:
         return list(self.stop or [])  # type: ignore[arg-type]
@@ -126,7 +152,7 @@ class _SamplingBase(BaseModel):
 
 # --------------------------------------------------------------------------------------------- completions
 
-Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]
+Prompt = Text | list[Text] | list[Int] | list[list[Int]]
 
 
 class CompletionRequest(_SamplingBase):
@@ -135,13 +161,13 @@ class CompletionRequest(_SamplingBase):
 
     prompt: Prompt = Field(..., description="A string, a list of strings, a list of token ids, or a list of "
                                             "token-id lists; each prompt gets `n` choices.")
-    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate (0: none, to score an echoed prompt).")
+    max_tokens: IntRange(ge=0) | None = Field(16, description="Tokens to generate (0: none, to score an echoed prompt).")
     echo: bool = Field(False, description="Return the prompt before the completion (text and logprobs).")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+    logprobs: IntRange(ge=0, le=MAX_LOGPROBS) | None = Field(None, description=(
         "Return per-token log-probs with this many alternatives per position (the chosen token is always "
         "among them). With echo they cover the prompt too; the first prompt token's log-prob is null."))
-    suffix: str | None = Field(None, description="Not supported (only unset).")
-    best_of: int | None = Field(None, description="Only unset or equal to n.")
+    suffix: Annotated[Text | None, _only("")] = Field(None, description="Not supported (only unset or '').")
+    best_of: IntRange(ge=1, le=MAX_N) | None = Field(None, description="Only unset or equal to n.")
 
     @field_validator("suffix")
     @classmethod
@@ -198,23 +224,22 @@ class CompletionResponse(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str = Field(..., description="Part type; only 'text' is supported.")
-    text: str | None = Field(None, description="The text (required).")
+    model_config = _OPENAI_REQUEST
+    type: Literal["text"] = Field(..., description="Part type; only 'text' is supported.")
+    text: Text = Field(..., description="The text.")
 
-    @model_validator(mode="after")
-    def _text_only(self) -> TextPart:
-        if self.type != "text" or self.text is None:
-            raise ValueError(f"content part of type {self.type!r} is not supported (text only)")
-        return self
+
+
+ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str = Field(..., description="system, developer, user, assistant (or any role the template knows).")
-    content: str | list[TextPart] | None = Field(None, description="Text, or text parts (joined); null counts "
-                                                                   "as empty.")
-    name: str | None = Field(None, description="Optional participant name, passed on to the chat template.")
+    model_config = _OPENAI_REQUEST
+    role: ChatRole = Field(..., description="system, developer (OpenAI's newer name for system), user, assistant "
+                                            "or tool.")
+    content: Text | list[TextPart] | None = Field(None, description="Text, or text parts (joined); null counts "
+                                                                    "as empty.")
+    name: Text | None = Field(None, description="Optional participant name, passed on to the chat template.")
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
@@ -229,20 +254,29 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingBase):
     """POST /v1/chat/completions: the messages go through the model's chat template."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_RULE, {"anyOf": [
+        {"properties": {"top_logprobs": {"type": "null"}}},  # top_logprobs needs logprobs: true
+        {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}]}]})
+
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation, oldest first; "
                                                                      "rendered with the model's chat template.")
-    max_tokens: int | None = Field(None, ge=0, description="Deprecated alias of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(None, ge=0, description="Unset: up to the server's max_new_tokens "
+    max_tokens: IntRange(ge=0) | None = Field(None, description="Deprecated alias of max_completion_tokens.")
+    max_completion_tokens: IntRange(ge=0) | None = Field(None, description="Unset: up to the server's max_new_tokens "
                                                                       "(and the model's context).")
     logprobs: bool = Field(False, description="Return log-probs of the generated tokens.")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+    top_logprobs: IntRange(ge=0, le=MAX_LOGPROBS) | None = Field(None,
                                       description="Alternatives per token (needs logprobs).")
     add_generation_prompt: bool = Field(True, description="Extension (vLLM): end the prompt with the assistant header.")
     continue_final_message: bool = Field(False, description="Extension (vLLM): continue the last (assistant) message.")
-    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extension (vLLM): extra template variables.")
-    tools: list[Any] | None = Field(None, description="Not supported (only empty / unset).")
-    tool_choice: Any = Field(None, description="Only 'none' / unset.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} / unset.")
+    chat_template_kwargs: dict[Text, JsonValue] | None = Field(None, description=(
+        "Extension (vLLM): extra template variables."))
+    tools: Annotated[list[JsonValue] | None, WithJsonSchema(
+        {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]})] = Field(
+        None, description="Not supported (only empty / unset).")
+    tool_choice: Annotated[JsonValue, _only("none")] = Field(None, description="Only 'none' / unset.")
+    response_format: Annotated[dict[Text, JsonValue] | None, WithJsonSchema({"anyOf": [
+        {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]}, {"type": "null"}]})] = Field(
+        None, description="Only {'type': 'text'} / unset.")
 
     @field_validator("tools")
     @classmethod
@@ -325,8 +359,8 @@ class ChatDelta(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int = Field(..., description="Choice number j, 0..n-1.")
     delta: ChatDelta = Field(..., description="What this chunk adds to the choice's message.")
-    logprobs: ChatChoiceLogprobs | None = Field(None, description="With logprobs: true, on the choice's last "
-                                                                  "chunk: all its tokens' log-probs.")
+    logprobs: ChatChoiceLogprobs | None = Field(None, description="With logprobs: true, on each content delta: "
+                                                                  "the log-probs of the tokens of that delta.")
     finish_reason: Literal["stop", "length"] | None = Field(None, description=(
         "'stop' (EOS or a stop string) or 'length' (token limit reached), on the choice's last chunk; null before."))
 
@@ -353,10 +387,12 @@ class ChatCompletionChunk(BaseModel):
 class TokenizeRequest(BaseModel):
     """POST /tokenize (vLLM's shape; lm-eval's remote tokenizer sends {prompt, add_special_tokens: false})."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, description="Optional; every profile shares the tokenizer.")
-    prompt: str | None = Field(None, description="Text to tokenize (give this or messages).")
-    messages: list[ChatMessage] | None = Field(None, description="Chat to render with the template, then tokenize.")
+    model_config = ConfigDict(**_OPENAI_REQUEST, json_schema_extra=one_of_groups({"prompt": "string"},
+                                                                                {"messages": "array"}))
+    model: Text | None = Field(None, min_length=1, description="Optional; every profile shares the tokenizer.")
+    prompt: Text | None = Field(None, description="Text to tokenize (give exactly one of prompt or messages).")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description=(
+        "Chat to render with the template, then tokenize."))
     add_special_tokens: bool = Field(True, description="Prepend the BOS the tokenizer adds by default (as "
                                                        "/v1/completions does for text prompts).")
     add_generation_prompt: bool = Field(True, description="With messages: end with the assistant header.")
@@ -378,10 +414,10 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, description="Optional (checked to exist); every profile shares the "
-                                                "tokenizer.")
-    tokens: list[StrictInt] = Field(..., description="Token ids to decode, each inside the vocabulary.")
+    model_config = _OPENAI_REQUEST
+    model: Text | None = Field(None, min_length=1, description="Optional (checked to exist); every profile shares "
+                                                               "the tokenizer.")
+    tokens: list[Int] = Field(..., description="Token ids to decode, each inside the vocabulary.")
 
 
 class DetokenizeResponse(BaseModel):

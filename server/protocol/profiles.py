@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from laser_ops.interventions import InterventionSpec
+from server.protocol.validation import RequestModel, Text
 
 PROFILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -20,12 +21,10 @@ ProfileName = Annotated[str, Field(
 MAX_INTERVENTIONS = 512
 
 
-class ProfileBase(BaseModel):
+class ProfileBase(RequestModel):
     """What a profile holds: a description and the interventions applied together."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    description: str = Field("", max_length=2000, description="Free text shown in listings.")
+    description: Text = Field("", max_length=2000, description="Free text shown in listings.")
     interventions: list[InterventionSpec] = Field(
         ..., max_length=MAX_INTERVENTIONS,
         description="The edits, applied together (the library's intervention spec: kind, target, layer, "

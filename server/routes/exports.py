@@ -14,21 +14,32 @@ from fastapi.responses import FileResponse
 from server.deps import ServicesDep
 from server.protocol.exports import EXPORT_NAME_PATTERN, ExportCreate, ExportDeleted, ExportList, ExportPublic
 from server.protocol.profiles import PROFILE_NAME_PATTERN
+from server.openapi import link
+from server.routing import ApiRoute
 from server.security import AdminAuth
 from server.serving import exports as serving
 
-router = APIRouter(tags=["exports"], dependencies=[AdminAuth])
+router = APIRouter(tags=["exports"], dependencies=[AdminAuth], route_class=ApiRoute)
 
 ProfilePath = Annotated[str, Path(pattern=PROFILE_NAME_PATTERN, max_length=64, description="Profile name.")]
 ExportPath = Annotated[str, Path(pattern=EXPORT_NAME_PATTERN, max_length=80, description="Export name.")]
-_ERRORS = {401: {"description": "Missing or invalid API key."}, 403: {"description": "Key lacks the admin scope."}}
 _NOT_FOUND = {404: {"description": "Unknown export (or file)."}}
 
 
+def _export_links(at: str) -> dict[str, object]:
+    """From an export (``at``: the JSON pointer of the export object in the response) to its routes."""
+    name = {"name": f"$response.body#{at}/name"}
+    return {"GetExport": link("get_export", "Read the export.", parameters=name),
+            "DownloadFile": link("download_file", "Download the export's first file.",
+                                 parameters={**name, "file": f"$response.body#{at}/files/0/name"}),
+            "DeleteExport": link("delete_export", "Delete the export.", parameters=name)}
+
+
 @router.post("/v1/profiles/{name}/export", status_code=201, response_model=ExportPublic,
-             responses={404: {"description": "Unknown profile."},
+             responses={201: {"links": _export_links("")},
+                        404: {"description": "Unknown profile."},
                         409: {"description": "The export exists; send overwrite=true."},
-                        422: {"description": "The profile cannot be applied to this model."}, **_ERRORS})
+                        422: {"description": "Invalid request, or the profile cannot be applied to this model."}})
 async def export_profile(name: ProfilePath, request: Request, services: ServicesDep,
                          body: ExportCreate | None = None) -> ExportPublic:
     """Write the profile as a Hugging Face folder (dense or factored) under the server's exports."""
@@ -37,13 +48,17 @@ async def export_profile(name: ProfilePath, request: Request, services: Services
     return export
 
 
-@router.get("/v1/exports", response_model=ExportList, responses=_ERRORS)
+@router.get("/v1/exports", response_model=ExportList, responses={200: {"links": {
+    "GetExport": link("get_export", "Read the first export.", parameters={"name": "$response.body#/data/0/name"}),
+    "DeleteExport": link("delete_export", "Delete the first export.",
+                         parameters={"name": "$response.body#/data/0/name"})}}})
 async def list_exports(services: ServicesDep) -> ExportList:
     """List exports by name."""
     return serving.list_exports(services)
 
 
-@router.get("/v1/exports/{name}", response_model=ExportPublic, responses={**_NOT_FOUND, **_ERRORS})
+@router.get("/v1/exports/{name}", response_model=ExportPublic,
+            responses={200: {"links": _export_links("")}, **_NOT_FOUND})
 async def get_export(name: ExportPath, services: ServicesDep) -> ExportPublic:
     """One export: files (size, SHA-256, download URL) and the per-matrix report."""
     return serving.get_export(services, name)
@@ -54,14 +69,14 @@ async def get_export(name: ExportPath, services: ServicesDep) -> ExportPublic:
                                             "against the SHA-256 the export lists).",
                              "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                  "format": "binary"}}}},
-                       **_NOT_FOUND, **_ERRORS})
+                       **_NOT_FOUND})
 async def download_file(name: ExportPath, file: str, services: ServicesDep) -> FileResponse:
     """Download one file of an export (only names the export itself lists)."""
     path = serving.file_path(services, name, file)
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
-@router.delete("/v1/exports/{name}", response_model=ExportDeleted, responses={**_NOT_FOUND, **_ERRORS})
+@router.delete("/v1/exports/{name}", response_model=ExportDeleted, responses=_NOT_FOUND)
 async def delete_export(name: ExportPath, services: ServicesDep) -> ExportDeleted:
     """Delete an export and its files."""
     return await serving.delete_export(services, name)

@@ -15,22 +15,26 @@ from server.protocol.inference import (
     GenerateStreamEvent,
     ScoreRequest,
     ScoreResponse,
+    StreamError,
 )
+from server.openapi import sse_event
+from server.routing import ApiRoute
 from server.security import InferenceAuth
 from server.serving import inference as serving
 
-router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[InferenceAuth])
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[InferenceAuth], route_class=ApiRoute)
 
 _ERRORS = {
-    401: {"description": "Missing or invalid API key."},
     404: {"description": "Unknown profile."},
-    413: {"description": "Prompt longer than max_prompt_tokens."},
-    422: {"description": "Invalid request; the error names the field."},
-    429: {"description": "Queue full; retry after the Retry-After header's seconds."},
+    413: {"description": "Prompt longer than max_prompt_tokens (or body over max_body_bytes)."},
+    422: {"description": "Invalid request (or prompt + max_new_tokens over the model's context); the error names "
+                         "the field."},
+    429: {"description": "Queue full (max_queue requests); retry after the Retry-After header's seconds.",
+          "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
 }
 _EVENT_SCHEMA = GenerateStreamEvent.model_json_schema(ref_template="#/components/schemas/{model}")
 _EVENT_SCHEMA.pop("$defs", None)  # GenerateUsage is already a component (GenerateResponse uses it)
-_STREAM = {"text/event-stream": {"schema": _EVENT_SCHEMA,
+_STREAM = {"text/event-stream": {"schema": sse_event(_EVENT_SCHEMA, StreamError.model_json_schema(), done=True),
                                  "description": "With stream=true: 'data: {GenerateStreamEvent}' per delta, "
                                                 "then 'data: [DONE]'."}}
 

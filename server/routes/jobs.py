@@ -8,10 +8,12 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.deps import ServicesDep
+from server.openapi import link, sse_event
 from server.protocol.jobs import (
     ExampleFilter,
     ExamplePage,
     ExampleSplit,
+    JobDeleted,
     JobList,
     JobProgress,
     JobPublic,
@@ -20,34 +22,48 @@ from server.protocol.jobs import (
     SweepJobCreate,
 )
 from server.protocol.profiles import ProfilePublic
+from server.routing import ApiRoute
 from server.security import AdminAuth, InferenceAuth
 from server.serving import jobs as serving
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ApiRoute)
 
 JobPath = Annotated[str, Path(max_length=64, description="Job id.")]
-_ERRORS = {401: {"description": "Missing or invalid API key."}, 403: {"description": "Key lacks the admin scope."}}
 _NOT_FOUND = {404: {"description": "Unknown job."}}
+
+
+def _job_links(at: str) -> dict[str, object]:
+    """From a job (``at``: the JSON pointer of its id in the response) to every route about it."""
+    job = {"job_id": f"$response.body#{at}"}
+    return {"GetJob": link("get_job", "Read the job.", parameters=job),
+            "JobEvents": link("job_events", "Follow the job's progress.", parameters=job),
+            "Plot": link("plot", "Heatmap of the job's validation accuracy.", parameters=job),
+            "Promote": link("promote", "Store the job's winner as a profile.", parameters=job),
+            "CancelJob": link("cancel_job", "Cancel the job.", parameters=job),
+            "DeleteJob": link("delete_job", "Delete the (finished) job.", parameters=job)}
 _EVENT_SCHEMA = JobProgress.model_json_schema(ref_template="#/components/schemas/{model}")
 _EVENT_SCHEMA.pop("$defs", None)
 
 
 @router.post("/sweeps", status_code=202, response_model=JobPublic, dependencies=[AdminAuth],
-             responses={404: {"description": "Unknown dataset."},
+             responses={202: {"links": _job_links("/id")},
+                        404: {"description": "Unknown dataset."},
                         422: {"description": "Invalid grid or config; the error names the field and the allowed "
-                                             "range."}, **_ERRORS})
+                                             "range."}})
 async def create_sweep(body: SweepJobCreate, services: ServicesDep) -> JobPublic:
     """Queue a validation sweep over (type, layer, rho); answers 202 with the job."""
     return await serving.create_sweep(services, body)
 
 
-@router.get("", response_model=JobList, dependencies=[InferenceAuth])
+@router.get("", response_model=JobList, dependencies=[InferenceAuth],
+            responses={200: {"links": _job_links("/data/0/id")}})
 async def list_jobs(services: ServicesDep, state: Annotated[JobState | None, Query()] = None) -> JobList:
     """List jobs, newest first (optionally one state)."""
     return await serving.list_jobs(services, state)
 
 
-@router.get("/{job_id}", response_model=JobPublic, dependencies=[InferenceAuth], responses=_NOT_FOUND)
+@router.get("/{job_id}", response_model=JobPublic, dependencies=[InferenceAuth],
+            responses={200: {"links": _job_links("/id")}, **_NOT_FOUND})
 async def get_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
     """A job: state, done/total, ETA, best so far, the per-config table and the test report."""
     return await serving.get_job(services, job_id)
@@ -58,7 +74,7 @@ async def get_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
                                             "a snapshot first, 'progress' per finished step, 'state' per state "
                                             "change; the stream closes after the terminal state (': keep-alive' "
                                             "comments in between).",
-                             "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}, **_NOT_FOUND})
+                             "content": {"text/event-stream": {"schema": sse_event(_EVENT_SCHEMA, done=False)}}}, **_NOT_FOUND})
 async def job_events(job_id: JobPath, request: Request, services: ServicesDep) -> StreamingResponse:
     """Server-Sent Events: 'progress' per finished step, then a 'state' event when the job ends."""
     stream = await serving.events(services, job_id, request.is_disconnected)
@@ -66,16 +82,25 @@ async def job_events(job_id: JobPath, request: Request, services: ServicesDep) -
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.delete("/{job_id}", response_model=JobPublic, dependencies=[AdminAuth],
-               responses={409: {"description": "Already finished."}, **_NOT_FOUND, **_ERRORS})
+@router.post("/{job_id}/cancel", response_model=JobPublic, dependencies=[AdminAuth],
+             responses={409: {"description": "Already finished."}, **_NOT_FOUND})
 async def cancel_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
-    """Cancel a queued or running job, whichever server runs it (at its next step; stored rows are kept)."""
+    """Cancel a queued or running job, whichever server runs it (between steps; finished rows are kept and the best so far is promotable)."""
     return await serving.cancel_job(services, job_id)
 
 
+@router.delete("/{job_id}", response_model=JobDeleted, dependencies=[AdminAuth],
+               responses={409: {"description": "Still queued or running: cancel it first."}, **_NOT_FOUND})
+async def delete_job(job_id: JobPath, services: ServicesDep) -> JobDeleted:
+    """Delete a finished (succeeded, failed or cancelled) job and its rows."""
+    return await serving.delete_job(services, job_id)
+
+
 @router.post("/{job_id}/promote", status_code=201, response_model=ProfilePublic, dependencies=[AdminAuth],
-             responses={409: {"description": "No winner, job not finished, or the profile name exists."},
-                        **_NOT_FOUND, **_ERRORS})
+             responses={201: {"links": {"GetProfile": link("get_profile", "Read the new profile.",
+                                                           parameters={"name": "$response.body#/name"})}},
+                        409: {"description": "No winner, job not finished, or the profile name exists."},
+                        **_NOT_FOUND})
 async def promote(job_id: JobPath, body: PromoteRequest, request: Request, services: ServicesDep) -> ProfilePublic:
     """Store the job's best config as a profile, servable at once."""
     profile = await serving.promote(services, job_id, body)

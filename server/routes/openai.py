@@ -15,14 +15,13 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from laser_ops.interventions import InterventionError
 from server.deps import ServicesDep
 from server.engine import EngineOverloaded, EngineStopped, RequestCancelled, UnknownProfile
-from server.errors import ApiError
+from server.errors import ApiError, printable
 from server.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -38,6 +37,8 @@ from server.protocol.openai import (
     TokenizeResponse,
     TokenizerInfo,
 )
+from server.openapi import sse_event
+from server.routing import ApiRoute
 from server.protocol.inference import PROFILE_HEADER
 from server.security import InferenceAuth
 from server.serving import openai as serving
@@ -51,9 +52,9 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
-                                                                else "invalid_request_error"),
-                      "param": param, "code": code}}
+    body = {"error": {"message": printable(message),
+                      "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                      "param": None if param is None else printable(param), "code": code}}
     return JSONResponse(body, status, headers=headers)
 
 
@@ -85,6 +86,8 @@ def error_response(exc: Exception) -> JSONResponse:
         code = getattr(exc, "code", None)
         if code is None and exc.status == 401:
             code = "invalid_api_key"
+        if exc.status == 413:  # a prompt over max_prompt_tokens: OpenAI's (and vLLM's) answer
+            status, code = 400, "context_length_exceeded"
         return openai_error(status, exc.message, _param(exc.loc), code, exc.headers)
     if isinstance(exc, UnknownProfile):
         return openai_error(404, f"The model {exc.args[0]!r} does not exist (deleted?)", "model", "model_not_found")
@@ -103,8 +106,9 @@ def error_response(exc: Exception) -> JSONResponse:
     return openai_error(500, f"internal error ({type(exc).__name__})")
 
 
-class OpenAIRoute(APIRoute):
-    """Turns every exception raised by the route (dependencies included) into OpenAI's error body."""
+class OpenAIRoute(ApiRoute):
+    """Turns every exception raised by the route (authentication and dependencies included) into OpenAI's error
+    body."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -119,7 +123,12 @@ class OpenAIRoute(APIRoute):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 503)}
+    400: {"model": ErrorResponse, "description": "Invalid request (validation errors are 400 as in OpenAI's API; "
+                                                 "an over-long prompt has code context_length_exceeded)."},
+    404: {"model": ErrorResponse, "description": "Unknown model (code model_not_found)."},
+    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds.",
+          "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
+}
 
 
 
@@ -147,18 +156,21 @@ def _sse_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)  # type: ignore[no-any-return]
 
 
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _COMPLETION_STREAM = {200: {
     "description": "The completion (CompletionResponse). With stream: true, Server-Sent Events instead: "
-                   "'data: {CompletionResponse}' per chunk (one choice each: echoed prompt, text deltas, then a "
-                   "last chunk with finish_reason and logprobs), an optional usage chunk, then 'data: [DONE]'; "
+                   "'data: {CompletionResponse}' per chunk (one choice each: echoed prompt, text deltas, each with "
+                   "the logprobs of its tokens, then a last chunk with finish_reason), an optional usage chunk, then 'data: [DONE]'; "
                    "a failure mid-stream sends 'data: {ErrorResponse}' before [DONE].",
-    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/CompletionResponse"}}}}}
+    "content": {"text/event-stream": {"schema": sse_event({"$ref": "#/components/schemas/CompletionResponse"},
+                                                          _ERROR_REF, done=True)}}}}
 _CHAT_STREAM = {200: {
     "description": "The chat completion (ChatCompletionResponse). With stream: true, Server-Sent Events "
-                   "instead: 'data: {ChatCompletionChunk}' per chunk (per choice a role chunk, content deltas, "
-                   "then a last chunk with finish_reason and logprobs), an optional usage chunk, then "
+                   "instead: 'data: {ChatCompletionChunk}' per chunk (per choice a role chunk, content deltas, each "
+                   "with the logprobs of its tokens, then a last chunk with finish_reason), an optional usage chunk, then "
                    "'data: [DONE]'; a failure mid-stream sends 'data: {ErrorResponse}' before [DONE].",
-    "content": {"text/event-stream": {"schema": _sse_schema(ChatCompletionChunk)}}}}
+    "content": {"text/event-stream": {"schema": sse_event(_sse_schema(ChatCompletionChunk), _ERROR_REF,
+                                                          done=True)}}}}
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, dependencies=[InferenceAuth], responses=_ERRORS)
 

@@ -8,8 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import laser_ops
 from server.deps import ServicesDep
 from server.protocol.system import Health, Info, LaserTypeInfo, Readiness
+from server.routing import ApiRoute
 
-router = APIRouter(tags=["system"])
+router = APIRouter(tags=["system"], route_class=ApiRoute)
 
 
 @router.get("/health", response_model=Health)

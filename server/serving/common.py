@@ -22,6 +22,12 @@ def resolve_profile(services: Services, request: Request, name: str | None, *,
     return profile
 
 
+async def profile_ready(services: Services, profile: str) -> None:
+    """Wait while ``profile``'s decompositions are computed off the owner thread (just created or replaced),
+    so that its first request does not decompose on the owner thread and hold every other request."""
+    await services.decomposer.ready(profile)
+
+
 def check_prompt_tokens(services: Services, n_tokens: int, loc: tuple[str | int, ...]) -> None:
     limit = services.settings.max_prompt_tokens
     if n_tokens > limit:

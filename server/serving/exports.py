@@ -5,8 +5,8 @@ models and only then becomes one folder name under the exports root; a download 
 name up in the folder's own listing (a scan of what the export wrote) and serves the path found there,
 so ``..``, absolute names and links lead nowhere.
 
-The write itself runs on the engine's owner thread (it swaps the profile's weights in for the duration
-and restores them in ``finally``); a manifest with each file's size and SHA-256 is written beside the
+The engine's owner thread only takes a snapshot (the edited tensors, built without writing into the model);
+a worker thread writes the files while weight-writing tasks are held back, so serving goes on; a manifest with each file's size and SHA-256 is written beside the
 folder (``exports/.reports/<name>.json``; dot-names are never valid export names) so that clients can
 verify their downloads.
 """
@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import torch
 
-from laser_ops.export import PROFILE_FILE, ExportReport, export_dense, export_factored
+from laser_ops.export import PROFILE_FILE, ExportReport, ExportSnapshot, snapshot_dense, snapshot_factored, write_export
 from laser_ops.interventions import InterventionError
 from laser_ops.targets import TargetError
 from server.errors import ApiError
@@ -138,8 +138,9 @@ def _from_report(name: str, profile: str, report: ExportReport, digests: dict[st
 
 
 async def export_profile(services: Services, profile: str, body: ExportCreate) -> ExportPublic:
-    """Write ``profile`` under ``exports/<name>/`` on the engine thread. 404 unknown profile, 409 the export
-    exists (without ``overwrite``), 422 the profile no longer fits the model."""
+    """Write ``profile`` under ``exports/<name>/``: the engine thread takes a snapshot of the tensors, a worker
+    thread writes the files. 404 unknown profile, 409 the export exists (without ``overwrite``), 422 the profile
+    no longer fits the model."""
     if profile in RESERVED_PROFILES:
         specs, description = [], "The unedited model."
     else:
@@ -154,19 +155,26 @@ async def export_profile(services: Services, profile: str, body: ExportCreate) -
     metadata = {"profile": profile, "description": description, "export_name": name,
                 "model_id": loaded.model_id}
 
-    def write(swapper, _scorer) -> ExportReport:
+    def snapshot(swapper, _scorer) -> ExportSnapshot:  # engine thread: tensors only, no file I/O
         if body.mode == "dense":
-            return export_dense(loaded.model, loaded.tokenizer, swapper, specs, out, metadata=metadata,
-                                overwrite=body.overwrite, fingerprint=loaded.fingerprint)
-        return export_factored(loaded.model, loaded.tokenizer, swapper, specs, out, metadata=metadata,
-                               overwrite=body.overwrite, fingerprint=loaded.fingerprint,
-                               factor_dtype=_DTYPES[body.factor_dtype])
+            return snapshot_dense(loaded.model, swapper, specs, fingerprint=loaded.fingerprint)
+        return snapshot_factored(loaded.model, swapper, specs, fingerprint=loaded.fingerprint,
+                                 factor_dtype=_DTYPES[body.factor_dtype])
 
     async with _lock(services):
         if out.is_symlink() or (out.exists() and not out.is_dir()):
             raise ApiError(409, f"export {name!r} exists and is not a folder", ("body", "name"))
+        if out.exists() and not body.overwrite:  # answered at once, not after a turn on the engine
+            raise ApiError(409, f"export {name!r} already exists; pass overwrite=true to replace it",
+                           ("body", "name"))
+        await services.decomposer.prepare(specs)  # SVDs off the owner thread first
         try:
-            report = await services.engine.run_task(write)
+            # The snapshot references the live base weights: hold back weight-writing tasks (sweep steps)
+            # until the files are written; serving goes on meanwhile (it never writes weights).
+            async with services.engine.weights_held():
+                snap = await services.engine.run_task(snapshot)
+                report = await asyncio.to_thread(write_export, snap, out, tokenizer=loaded.tokenizer,
+                                                 metadata=metadata, overwrite=body.overwrite)
         except FileExistsError:
             raise ApiError(409, f"export {name!r} already exists; pass overwrite=true to replace it",
                            ("body", "name")) from None

@@ -38,7 +38,13 @@ from server.protocol.inference import (
     TextDiff,
     GenerateUsage,
 )
-from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens, resolve_profile
+from server.serving.common import (
+    check_new_tokens,
+    check_prompt_chars,
+    check_prompt_tokens,
+    profile_ready,
+    resolve_profile,
+)
 from server.state import Services
 
 T = TypeVar("T")
@@ -60,9 +66,9 @@ def _check_positions(services: Services, n_prompt: int, max_new: int, loc: Loc) 
                             f"{limit} positions", loc)
 
 
-def _admit(services: Services, size: int) -> None:
+def _admit(services: Services) -> None:
     """429 before a stream starts (afterwards the status is already sent)."""
-    services.engine.check_capacity(size)
+    services.engine.check_capacity()
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -105,6 +111,7 @@ async def _run_generate(services: Services, profile: str, params: GenerateParams
 async def generate(services: Services, request: Request, body: GenerateRequest) -> tuple[GenerateResponse, str]:
     """The response and its ``X-Laser-Profile`` header value."""
     profile = resolve_profile(services, request, body.profile)
+    await profile_ready(services, profile)
     response = await _run_generate(services, profile, body, ("body",), request.is_disconnected)
     return response, stamp_header(response.profile, response.profile_hash)
 
@@ -125,7 +132,8 @@ async def generate_stream(services: Services, request: Request, body: GenerateRe
     """
     profile = resolve_profile(services, request, body.profile)
     [req] = _generation_requests(services, body, ("body",))
-    _admit(services, 1)
+    await profile_ready(services, profile)
+    _admit(services)
     resolved = services.engine.resolve(profile)
     stamp = resolved.stamp
     stream = services.engine.generate_stream(resolved, req)
@@ -191,6 +199,7 @@ async def _run_score(services: Services, profile: str, params: ScoreParams, loc:
 async def score(services: Services, request: Request, body: ScoreRequest) -> tuple[ScoreResponse, str]:
     """The response and its ``X-Laser-Profile`` header value."""
     profile = resolve_profile(services, request, body.profile)
+    await profile_ready(services, profile)
     response = await _run_score(services, profile, body, ("body",), request.is_disconnected)
     return response, stamp_header(response.profile, response.profile_hash)
 
@@ -246,6 +255,8 @@ def stamp_header(name: str, profile_hash: str) -> str:
 async def compare(services: Services, request: Request, body: CompareRequest) -> tuple[CompareResponse, str]:
     profiles = [resolve_profile(services, request, p, loc=("body", "profiles", i)) for i, p in enumerate(body.profiles)]
     request.state.profile = "*"  # spans several profiles; the engine's own metrics carry each one
+    for profile in profiles:
+        await profile_ready(services, profile)
     disconnected = request.is_disconnected
     if body.generate is not None:
         params = body.generate

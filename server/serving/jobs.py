@@ -57,6 +57,7 @@ from server.protocol.jobs import (
     ExampleFilter,
     ExamplePage,
     ExampleSplit,
+    JobDeleted,
     JobList,
     JobProgress,
     JobPublic,
@@ -442,6 +443,20 @@ class JobManager:
         await self._state_changed(job_id)
         return await self.db.run(self.view_of, job_id)
 
+    async def delete(self, job_id: str) -> None:
+        """Delete a finished job (409 while it is queued, running, or still ending its last step)."""
+        job = await self.db.run(self.store.get, job_id)
+        if job is None:
+            raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
+        if not job.terminal or self.running_job == job_id:
+            raise ApiError(409, f"job {job_id} is {job.state}"
+                           + ("" if job.terminal else f"; cancel it first (POST /v1/jobs/{job_id}/cancel)")
+                           + (" and still ending its current step; retry shortly" if job.terminal else ""),
+                           ("path", "job_id"))
+        if not await self.db.run(self.store.delete, job_id):
+            raise ApiError(409, f"job {job_id} changed state; retry", ("path", "job_id"))
+        await self._refresh_metrics()
+
     def in_use(self, dataset: str) -> list[str]:
         return self.store.active_using(dataset)
 
@@ -660,6 +675,11 @@ async def _get(services: Services, job_id: str) -> JobRecord:
     return job
 
 
+async def delete_job(services: Services, job_id: str) -> JobDeleted:
+    await manager(services).delete(job_id)
+    return JobDeleted(id=job_id)
+
+
 async def events(services: Services, job_id: str,
                  is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
     """SSE stream: a snapshot, one ``progress`` event per step, a ``state`` event per change; ends when terminal.
@@ -794,10 +814,12 @@ async def plot_png(services: Services, job_id: str) -> bytes:
 
 async def promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePublic:
     """The job's best config becomes a profile (servable at once). 409: no winner, or the name is taken."""
-    return await services.db.run(_promote, services, job_id, body)
+    public, specs = await services.db.run(_promote, services, job_id, body)
+    services.decomposer.prepare_profile(body.name, specs)  # on the event loop: it schedules background work
+    return public
 
 
-def _promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePublic:
+def _promote(services: Services, job_id: str, body: PromoteRequest) -> tuple[ProfilePublic, list[Any]]:
     m = manager(services)
     found = m.store.get_with_rows(job_id)
     if found is None:
@@ -829,4 +851,4 @@ def _promote(services: Services, job_id: str, body: PromoteRequest) -> ProfilePu
         f"promoted from sweep {job_id} on {job.dataset}: {best.key}, validation accuracy "
         f"{pct(best)} (base {pct(base)})")
     services.profiles.put(body.name, specs, description)
-    return profiles_serving.get_profile(services, body.name)
+    return profiles_serving.get_profile(services, body.name), specs

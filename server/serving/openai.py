@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
 from laser_ops.batching.detokenizer import IncrementalDetokenizer, token_string
-from laser_ops.scoring import GenerationRequest, GenerationResult, PromptLogprobs
+from laser_ops.scoring import GenerationDelta, GenerationRequest, GenerationResult, PromptLogprobs
 from server.errors import ApiError
 from server.protocol.openai import (
     AssistantMessage,
@@ -51,7 +51,7 @@ from server.protocol.openai import (
     TopLogprob,
     Usage,
 )
-from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens
+from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens, profile_ready
 from server.state import Services
 
 DEFAULT_COMPLETION_TOKENS = 16
@@ -123,7 +123,8 @@ def resolve_model(services: Services, request: Request, name: str | None) -> str
     return profile
 
 
-def _vocab_size(services: Services) -> int:
+def vocab_size(services: Services) -> int:
+    """Token ids the model accepts: 0 .. vocab_size - 1."""
     emb = services.scorer.model.get_input_embeddings()
     return int(getattr(emb, "num_embeddings", 0) or len(services.loaded.tokenizer))
 
@@ -149,7 +150,7 @@ def _prompt_ids(services: Services, prompt: Any) -> list[list[int]]:
         items = [prompt]
     else:
         items = list(prompt)
-    vocab = _vocab_size(services)
+    vocab = vocab_size(services)
     scorer = services.scorer
     out: list[list[int]] = []
     for i, item in enumerate(items):
@@ -184,6 +185,21 @@ def _gen_request(body: CompletionRequest | ChatCompletionRequest, ids: list[int]
         prompt_ids=ids, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         top_k=max(body.top_k, 0), seed=None if body.seed is None else body.seed + j, stop=body.stop_list,
         logprobs=logprobs)
+
+
+#: Tokens of context kept to decode the next streamed delta's token strings (enough for any multi-byte character).
+_CONTEXT_TOKENS = 8
+
+
+def _generated(result: GenerationResult) -> _Scored:
+    return _Scored(list(result.token_ids), list(result.token_logprobs or []), list(result.top_logprobs or []))
+
+
+def _joined(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=[t for p in parts for t in p.tokens],
+                              token_logprobs=[t for p in parts for t in p.token_logprobs],
+                              top_logprobs=[t for p in parts for t in p.top_logprobs],
+                              text_offset=[t for p in parts for t in p.text_offset])
 
 
 def _new_id(prefix: str) -> str:
@@ -389,9 +405,12 @@ class _Completion:
                     self._pick_eos(c.gen)
             return
         for c in todo:
-            r = c.result
-            c.gen = _Scored(list(r.token_ids), list(r.token_logprobs or []), list(r.top_logprobs or []))
-        ended = [c for c in todo if self._ended_by_eos(c)]
+            c.gen = _generated(c.result)
+        await self._append_eos(todo)
+
+    async def _append_eos(self, choices: list[_Choice]) -> None:
+        """Add the ending EOS (scored in one more pass) to the generated log-probs of choices it ended."""
+        ended = [c for c in choices if self._ended_by_eos(c)]
         if ended:  # one more pass for the distribution after the last generated token
             seqs = [self.prompts[c.prompt_index] + c.result.token_ids + [self.eos_filler] for c in ended]
             scored = await self._prompt_logprobs(seqs, max(self.top_n, 1))
@@ -412,28 +431,29 @@ class _Completion:
     def logprobs_of(self, c: _Choice) -> CompletionLogprobs | None:
         if not self.want_logprobs:
             return None
-        tokens: list[str] = []
-        offsets: list[int] = []
-        scored = _Scored([], [], [])
+        parts = []
         text_len = 0
         if self.body.echo and c.prompt is not None:
-            pieces = self.tt.pieces(c.prompt.ids)
-            tokens += pieces
-            for p in pieces:
-                offsets.append(text_len)
-                text_len += len(p)
-            scored = scored + c.prompt
-        gen = c.gen or _Scored([], [], [])
+            parts.append(self._entries(c.prompt, context=(), offset=0, generated=False))
+            text_len = sum(len(p) for p in parts[0].tokens)
         ids = self.prompts[c.prompt_index]
-        pieces = self.tt.pieces(gen.ids, context=ids[-1:], skip_special=True)
-        end = text_len + len(c.result.text)
+        parts.append(self._entries(c.gen or _Scored([], [], []), context=ids[-1:], offset=text_len,
+                                   end=text_len + len(c.result.text)))
+        return _joined(parts)
+
+    def _entries(self, scored: _Scored, *, context: Sequence[int], offset: int, generated: bool = True,
+                 end: int | None = None) -> CompletionLogprobs:
+        """Log-prob entries of ``scored`` tokens whose text starts at character ``offset`` of the choice's text
+        (offsets capped at ``end``: tokens past a stop string point at the text's end)."""
+        pieces = self.tt.pieces(scored.ids, context=context, skip_special=generated)
+        offsets = []
+        pos = offset
         for p in pieces:
-            offsets.append(min(text_len, end))
-            text_len += len(p)
-        tokens += self.tt.token_strings(gen.ids, pieces)
-        scored = scored + gen
+            offsets.append(pos if end is None else min(pos, end))
+            pos += len(p)
         tops = [None if lp is None else self._top(t, lp, top) for t, lp, top in
                 zip(scored.ids, scored.logprobs, scored.tops)]
+        tokens = self.tt.token_strings(scored.ids, pieces) if generated else pieces
         return CompletionLogprobs(tokens=tokens, token_logprobs=scored.logprobs, top_logprobs=tops,
                                   text_offset=offsets)
 
@@ -472,33 +492,31 @@ class _Completion:
                                                             finish_reason=finish)],
                                   system_fingerprint=self.resolved.stamp.hash)
 
+    def stream_requests(self) -> list[GenerationRequest]:
+        """Streamed choices carry their log-probs with each delta, so they are recorded while generating."""
+        lp = self.top_n if self.want_logprobs else None
+        return [_gen_request(self.body, ids, self.max_tokens, j, lp)
+                for ids in self.prompts for j in range(self.body.n)]
+
     async def stream(self) -> AsyncIterator[str]:
-        """SSE lines: per choice the echoed prompt, text deltas, a last chunk with finish_reason (and
-        logprobs), then an optional usage chunk and ``[DONE]``."""
+        """SSE lines: per choice the echoed prompt (with its log-probs), text deltas (each with the log-probs of
+        its tokens), a last chunk with finish_reason (and the log-prob of an ending EOS), then an optional usage
+        chunk and ``[DONE]``."""
         pairs = self._pairs()
         finals: dict[int, _Choice] = {}
         try:
-            if self.body.echo:
-                for idx, (i, _) in enumerate(pairs):
-                    text = self.echo_text(i)
-                    if text:
-                        yield _sse(self._chunk(idx, text))
             if self.max_tokens == 0:
+                if self.body.echo:
+                    for idx, (i, _) in enumerate(pairs):
+                        if text := self.echo_text(i):
+                            yield _sse(self._chunk(idx, text))
                 choices = await self.run()
                 for idx, c in enumerate(choices):
                     finals[idx] = c
                     yield _sse(self._chunk(idx, "", self.logprobs_of(c), _finish(c.result.finish_reason)))
             else:
-                streams = [self.engine.generate_stream(self.resolved, req) for req in self.requests()]
-                async for idx, item in _merge(streams):
-                    if isinstance(item, str):
-                        if item:
-                            yield _sse(self._chunk(idx, item))
-                        continue
-                    i, j = pairs[idx]
-                    c = finals[idx] = _Choice(i, j, item)
-                    await self.score([c])
-                    yield _sse(self._chunk(idx, "", self.logprobs_of(c), _finish(item.finish_reason)))
+                async for line in self._stream_generated(pairs, finals):
+                    yield line
             if self.body.include_usage:
                 usage = self.usage([finals[k] for k in sorted(finals)])
                 yield _sse(CompletionResponse(id=self.id, created=self.created, model=self.body.model or self.profile,
@@ -507,12 +525,53 @@ class _Completion:
             yield _sse_error(exc)
         yield "data: [DONE]\n\n"
 
+    async def _stream_generated(self, pairs: list[tuple[int, int]], finals: dict[int, _Choice]) -> AsyncIterator[str]:
+        prompts: dict[int, _Scored] = {}
+        if self.body.echo and self.want_logprobs:
+            scored = await self._prompt_logprobs(self.prompts, self.top_n)
+            prompts = {i: _Scored(s.token_ids, s.token_logprobs, s.top_logprobs) for i, s in enumerate(scored)}
+        offsets = [0] * len(pairs)  # characters of each choice's text sent so far
+        contexts = [self.prompts[i][-1:] for i, _ in pairs]  # tokens that precede the next delta's tokens
+        if self.body.echo:
+            for idx, (i, _) in enumerate(pairs):
+                text = self.echo_text(i)
+                offsets[idx] = len(text)
+                lp = self._entries(prompts[i], context=(), offset=0, generated=False) if i in prompts else None
+                if text or lp is not None:
+                    yield _sse(self._chunk(idx, text, lp))
+        streams = [self.engine.generate_stream(self.resolved, req) for req in self.stream_requests()]
+        async for idx, item in _merge(streams):
+            if isinstance(item, str):
+                if item:
+                    yield _sse(self._chunk(idx, item))
+                continue
+            if isinstance(item, GenerationDelta):
+                scored = _Scored(item.token_ids, list(item.token_logprobs or []), list(item.top_logprobs or []))
+                yield _sse(self._chunk(idx, item.text, self._entries(scored, context=contexts[idx],
+                                                                     offset=offsets[idx])))
+                offsets[idx] += len(item.text)
+                contexts[idx] = (contexts[idx] + item.token_ids)[-_CONTEXT_TOKENS:]
+                continue
+            i, j = pairs[idx]
+            c = finals[idx] = _Choice(i, j, item, gen=_generated(item), prompt=prompts.get(i))
+            eos = None
+            if self.want_logprobs:
+                n = len(c.gen.ids)  # type: ignore[union-attr]
+                await self._append_eos([c])
+                gen = c.gen or _Scored([], [], [])
+                if len(gen.ids) > n:
+                    eos = self._entries(_Scored(gen.ids[n:], gen.logprobs[n:], gen.tops[n:]),
+                                        context=contexts[idx], offset=offsets[idx])
+            yield _sse(self._chunk(idx, "", eos, _finish(item.finish_reason)))
+
 
 async def create_completion(services: Services, request: Request,
                             body: CompletionRequest) -> tuple[CompletionResponse | AsyncIterator[str], str]:
     """Validate, then either run to a response or hand back the SSE stream; with the X-Laser-Profile value."""
     job = _Completion(services, request, body)
+    await profile_ready(services, job.profile)
     if body.stream:
+        services.engine.check_capacity()  # 429 while a status can still be sent
         return job.stream(), job.resolved.stamp.header
     choices = await job.run()
     response = await asyncio.to_thread(job.response, choices) if body.echo else job.response(choices)
@@ -575,10 +634,14 @@ class _Chat:
     def logprobs_of(self, r: GenerationResult) -> ChatChoiceLogprobs | None:
         if self.top_n is None:
             return None
-        pieces = self.tt.pieces(r.token_ids, context=self.ids[-1:], skip_special=True)
+        return self._content(r.token_ids, r.token_logprobs or [], r.top_logprobs or [], context=self.ids[-1:])
+
+    def _content(self, ids: Sequence[int], logprobs: Sequence[float], tops: Sequence[dict[int, float]], *,
+                 context: Sequence[int]) -> ChatChoiceLogprobs:
+        """Per-token entries of ``ids`` (decoded after ``context``)."""
+        pieces = self.tt.pieces(ids, context=context, skip_special=True)
         content = []
-        for text, lp, top in zip(self.tt.token_strings(r.token_ids, pieces), r.token_logprobs or [],
-                                 r.top_logprobs or []):
+        for text, lp, top in zip(self.tt.token_strings(ids, pieces), logprobs, tops):
             alts = sorted(top.items(), key=lambda kv: -kv[1])[: self.top_n]
             content.append(ChatTokenLogprob(
                 token=text, logprob=lp, bytes=list(text.encode()),
@@ -602,7 +665,10 @@ class _Chat:
                                    system_fingerprint=self.resolved.stamp.hash)
 
     async def stream(self) -> AsyncIterator[str]:
+        """SSE lines: per choice a role chunk, content deltas (each with the log-probs of its tokens when asked
+        for), a last chunk with finish_reason, then an optional usage chunk and ``[DONE]``."""
         results: dict[int, GenerationResult] = {}
+        contexts = [self.ids[-1:] for _ in range(self.body.n)]
         try:
             for j in range(self.body.n):
                 yield _sse(self._chunk([ChatStreamChoice(index=j, delta=ChatDelta(role="assistant", content=""))]))
@@ -612,8 +678,15 @@ class _Chat:
                     if item:
                         yield _sse(self._chunk([ChatStreamChoice(index=j, delta=ChatDelta(content=item))]))
                     continue
+                if isinstance(item, GenerationDelta):
+                    logprobs = self._content(item.token_ids, item.token_logprobs or [], item.top_logprobs or [],
+                                             context=contexts[j])
+                    contexts[j] = (contexts[j] + item.token_ids)[-_CONTEXT_TOKENS:]
+                    yield _sse(self._chunk([ChatStreamChoice(index=j, delta=ChatDelta(content=item.text),
+                                                             logprobs=logprobs)]))
+                    continue
                 results[j] = item
-                yield _sse(self._chunk([ChatStreamChoice(index=j, delta=ChatDelta(), logprobs=self.logprobs_of(item),
+                yield _sse(self._chunk([ChatStreamChoice(index=j, delta=ChatDelta(),
                                                          finish_reason=_finish(item.finish_reason))]))
             if self.body.include_usage:
                 yield _sse(self._chunk([], self.usage([results[k] for k in sorted(results)])))
@@ -626,7 +699,9 @@ async def create_chat_completion(services: Services, request: Request, body: Cha
                                  ) -> tuple[ChatCompletionResponse | AsyncIterator[str], str]:
     """Validate, then either run to a response or hand back the SSE stream; with the X-Laser-Profile value."""
     job = _Chat(services, request, body)
+    await profile_ready(services, job.profile)
     if body.stream:
+        services.engine.check_capacity()  # 429 while a status can still be sent
         return job.stream(), job.resolved.stamp.header
     served = await services.engine.generate(job.resolved, job.requests(), is_disconnected=request.is_disconnected)
     return job.response(served.value), job.resolved.stamp.header
@@ -641,17 +716,28 @@ def _check_optional_model(services: Services, request: Request, name: str | None
 
 
 def tokenize(services: Services, request: Request, body: TokenizeRequest) -> TokenizeResponse:
+    """Token ids of a prompt or chat, under the same size limits as the completion routes."""
     _check_optional_model(services, request, body.model)
     if body.messages is not None:
+        check_prompt_chars(services, "".join(m.as_template_input()["content"] for m in body.messages),
+                           ("body", "messages"), "chat")
         ids = render_chat(services, body.messages, add_generation_prompt=body.add_generation_prompt)
-    elif body.add_special_tokens:
+        check_prompt_tokens(services, len(ids), ("body", "messages"))
+        return _tokenized(services, ids, body.return_token_strs)
+    check_prompt_chars(services, body.prompt or "", ("body", "prompt"))
+    if body.add_special_tokens:
         ids = services.scorer.encode(body.prompt or "")
     elif body.prompt:
         ids = list(services.loaded.tokenizer(body.prompt, add_special_tokens=False).input_ids)
     else:
         ids = []
+    check_prompt_tokens(services, len(ids), ("body", "prompt"))
+    return _tokenized(services, ids, body.return_token_strs)
+
+
+def _tokenized(services: Services, ids: list[int], with_strings: bool) -> TokenizeResponse:
     strs = None
-    if body.return_token_strs:
+    if with_strings:
         tt = token_text(services)
         strs = tt.token_strings(ids, tt.pieces(ids))
     return TokenizeResponse(count=len(ids), max_model_len=_max_positions(services), tokens=ids, token_strs=strs)
@@ -659,7 +745,7 @@ def tokenize(services: Services, request: Request, body: TokenizeRequest) -> Tok
 
 def detokenize(services: Services, request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
     _check_optional_model(services, request, body.model)
-    vocab = _vocab_size(services)
+    vocab = vocab_size(services)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise OpenAIApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", ("body", "tokens"))

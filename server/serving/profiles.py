@@ -80,9 +80,11 @@ def _report(r: EditReport) -> MatrixEditReport:
 
 
 async def dry_run(services: Services, name: str, body: ProfileBase) -> ProfileDryRun:
-    """Per-matrix k, retained energy and Frobenius error; reads the weights, so it runs on the engine thread."""
+    """Per-matrix k, retained energy and Frobenius error; reads the weights, so it runs on the engine thread
+    (after the SVDs it needs were computed off it)."""
     plan(services, body.interventions)
     specs = list(body.interventions)
+    await services.decomposer.prepare(specs)
     try:
         reports = await services.engine.run_task(lambda swapper, _scorer: swapper.dry_run(specs))
     except InterventionError as e:
@@ -100,6 +102,7 @@ async def create_profile(services: Services, name: str, body: ProfileBase) -> Pr
     except ProfileExistsError:
         raise ApiError(409, f"profile {name!r} already exists; use PUT /v1/profiles/{name} to replace it",
                        ("body", "name")) from None
+    services.decomposer.prepare_profile(name, stored.interventions)
     return _public(services, stored)
 
 
@@ -110,6 +113,7 @@ async def replace_profile(services: Services, name: str, body: ProfileBase) -> t
     plan(services, body.interventions)
     created = services.profiles.get(name) is None
     stored = await services.db.run(services.profiles.put, name, list(body.interventions), body.description)
+    services.decomposer.prepare_profile(name, stored.interventions)
     return _public(services, stored), created
 
 
@@ -136,6 +140,8 @@ async def _refresh_profiles(services: Services, every_s: float) -> None:
 
 
 async def startup(app: FastAPI, services: Services) -> None:
+    for stored in services.profiles.list():  # their SVDs, computed off the owner thread before first use
+        services.decomposer.prepare_profile(stored.name, stored.interventions)
     every = services.settings.profile_refresh_s
     if every > 0:
         app.state.profile_refresher = asyncio.create_task(_refresh_profiles(services, every))

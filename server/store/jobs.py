@@ -241,6 +241,15 @@ class JobStore:
             return con.execute("UPDATE jobs SET model_fingerprint = ?, model_id = ? WHERE id = ? AND owner = ? "
                                "AND model_fingerprint IS NULL", (fingerprint, model_id, job_id, owner)).rowcount == 1
 
+    def delete(self, job_id: str) -> bool:
+        """Remove a finished job and its rows; False if it is unknown or not finished (one transaction)."""
+        with self.db.transaction() as con:
+            if con.execute("DELETE FROM jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled')",
+                           (job_id,)).rowcount != 1:
+                return False
+            con.execute("DELETE FROM job_rows WHERE job_id = ?", (job_id,))
+            return True
+
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job (from any server); False if it had already ended (or is unknown)."""
         with self.db.transaction() as con:

@@ -107,6 +107,9 @@ def test_sweep_watch_promote(laser, tmp_path: Path) -> None:
         assert "promoted cli-win" in laser("promote", job_id, "cli-win").output
         laser("promote", job_id, "cli-win", code=1)
         assert json.loads(laser("promote", job_id, "cli-win", "--replace", "--json").stdout)["name"] == "cli-win"
+    laser("jobs", "cancel", job_id, code=1)  # already finished
+    assert f"job {job_id}: deleted" in laser("jobs", "rm", job_id).output
+    laser("jobs", "show", job_id, code=1)
     queued = json.loads(laser("sweep", "-D", "toy", "--types", "fc_in", "--layers", "1", "--rhos", "0.5",
                               "--json").stdout)
     assert queued["state"] in ("queued", "running", "succeeded")

@@ -160,6 +160,7 @@ def test_datasets_sweep_wait_promote(c: LaserClient, tmp_path: Path) -> None:
         assert c.promote(job.id, "won", replace=True).name == "won"
     with pytest.raises(NotFoundError):
         c.get_job("nope")
+    assert c.delete_job(job.id).deleted and job.id not in [j.id for j in c.list_jobs()]
     assert c.delete_dataset("toy2").deleted
 
 

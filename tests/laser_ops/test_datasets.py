@@ -129,3 +129,53 @@ def test_split_is_stratified_seeded_and_disjoint() -> None:
     assert abs(share - 741 / 2000) < 1 / 400
     with pytest.raises(ValueError, match="validation_fraction"):
         stratified_split(ds, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from laser_ops.datasets import DatasetError, PromptFormat  # noqa: E402
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
+                     st.text(max_size=6), st.just("\ud800"))
+_ROWS = st.one_of(
+    st.fixed_dictionaries({"input": st.text(min_size=1, max_size=8),
+                           "choices": st.lists(st.text(min_size=1, max_size=4), min_size=2, max_size=4, unique=True),
+                           "answer": st.integers(0, 3)}),
+    st.fixed_dictionaries({"input": st.text(min_size=1, max_size=8),
+                           "target_scores": st.dictionaries(st.text(min_size=1, max_size=4),
+                                                            st.one_of(st.integers(0, 1), st.floats()),
+                                                            min_size=2, max_size=3)}),
+    st.fixed_dictionaries({"input": _SCALARS, "targets": st.lists(_SCALARS, max_size=2)}),
+    st.dictionaries(st.sampled_from(["input", "choices", "answer", "target", "x"]), _SCALARS, max_size=4),
+)
+_LINES = st.one_of(_ROWS.map(lambda r: json.dumps(r, allow_nan=True)), st.text(max_size=10),
+                   st.integers(1, 60).map(lambda n: "[" * n + "]" * n))
+_TEMPLATES = st.one_of(st.none(), st.sampled_from(["Q: {input}\nA:", "{input} {choices}", "{{{input}}}"]),
+                       st.text(alphabet="{}input.:>0!r[]", max_size=14))
+
+
+@settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(lines=st.lists(_LINES, min_size=1, max_size=6), template=_TEMPLATES)
+def test_any_upload_is_refused_or_usable(lines: list[str], template: str | None) -> None:
+    """Never accepted-then-broken: a parsed dataset renders every prompt, round-trips through storage as JSON,
+    and splits; anything else is a DatasetError (or a template error) naming the problem."""
+    try:
+        fmt = PromptFormat(template=template)
+        ds = parse_jsonl("\n".join(lines), "prop", format=fmt)
+    except DatasetError as e:
+        assert e.errors and all(err["message"] for err in e.errors)
+        return
+    except ValueError as e:  # the template (a pydantic ValidationError)
+        assert "template" in str(e)
+        return
+    prompts = [ds.prompt(e) for e in ds.examples]
+    assert all(isinstance(p, str) and len(p) < 10_000 for p in prompts)
+    again = Dataset.model_validate_json(ds.model_dump_json())  # what the store writes and reads back
+    assert [again.prompt(e) for e in again.examples] == prompts
+    json.dumps(again.model_dump(), allow_nan=False).encode("utf-8")
+    if len(ds) >= 2:
+        split = stratified_split(ds, 0.5, seed=0)
+        assert len(split.validation) + len(split.test) == len(ds)

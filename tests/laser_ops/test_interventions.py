@@ -107,10 +107,10 @@ def test_layer_out_of_range_on_the_model_names_the_range(llama_targets, layer):
     assert exc.value.loc == (1, "layer")
 
 
-def test_empty_layer_list_is_located(llama_targets):
-    with pytest.raises(InterventionError, match="empty") as exc:
-        expand([InterventionSpec(target="fc_in", layer=[], rank=1)], llama_targets)
-    assert exc.value.loc == (0, "layer")
+def test_empty_layer_list_is_refused_at_the_layer_field():
+    with pytest.raises(ValidationError, match="at least 1 item") as exc:
+        InterventionSpec(target="fc_in", layer=[], rank=1)
+    assert {err["loc"][0] for err in exc.value.errors()} == {"layer"}
 
 
 def test_rank_above_min_dimension_names_the_range(llama_targets):

@@ -451,3 +451,20 @@ def test_smollm2_end_to_end(smol_scorer):
     assert [b.logprob for b in batched] == pytest.approx([x.logprob for x in single], abs=1e-4)
     (rolled,) = s.loglikelihood_rolling(["The quick brown fox jumps over the lazy dog. " * 8], max_length=32)
     assert math.isfinite(rolled.perplexity) and rolled.perplexity > 1
+
+
+def test_non_finite_temperature_is_refused() -> None:
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            GenerationRequest(prompt="x", temperature=bad)
+
+
+def test_deltas_carry_the_tokens_that_made_them(scorer: HFScorer) -> None:
+    deltas: list = []
+    req = GenerationRequest(prompt="The capital of France is", max_new_tokens=10, logprobs=2, stop=[" Rome"],
+                            on_delta=deltas.append)
+    [result] = scorer.generate([req])
+    assert deltas and "".join(d.text for d in deltas) == result.text
+    assert [t for d in deltas for t in d.token_ids] == result.token_ids
+    assert [lp for d in deltas for lp in d.token_logprobs] == result.token_logprobs
+    assert [len(d.top_logprobs) for d in deltas] == [len(d.token_ids) for d in deltas]

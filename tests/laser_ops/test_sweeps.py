@@ -64,9 +64,12 @@ def _cfg(**kw) -> SweepConfig:
 
 
 @pytest.mark.parametrize(("field", "value", "needle"), [
-    ("rhos", [0.5, 1.5], "allowed (0, 1]"),
-    ("rhos", [0.0], "allowed (0, 1]"),
-    ("rhos", [], "allowed range (0, 1]"),
+    ("rhos", [0.5, 1.5], "less than or equal to 1"),
+    ("rhos", [0.0], "greater than 0"),
+    ("rhos", [], "at least 1 item"),
+    ("rhos", [float("nan")], "finite number"),
+    ("seed", 2**64, "less than or equal to 9223372036854775807"),
+    ("layers", [True], "not a boolean"),
     ("types", ["fc_in", "bogus"], "allowed: ['fc_in'"),
     ("validation_fraction", 1.0, "less than 1"),
     ("strategy", "random", "grid"),

@@ -156,10 +156,12 @@ def test_job_accuracy_equals_library_scoring(live: LiveServer, kind: str) -> Non
 
 @pytest.mark.parametrize(("patch", "status", "loc", "needle"), [
     ({"layers": [7]}, 422, ["body", "layers"], "allowed: 0..2"),
-    ({"layers": []}, 422, ["body", "layers"], "must not be empty"),
+    ({"layers": []}, 422, ["body", "layers"], "at least 1 item"),
+    ({"layers": [True]}, 422, ["body", "layers"], "not a boolean"),
+    ({"seed": 2**64}, 422, ["body", "seed"], "less than or equal to 9223372036854775807"),
     ({"types": ["fc_xx"]}, 422, ["body", "types"], "allowed"),
-    ({"rhos": [0.5, 1.5]}, 422, ["body", "rhos"], "allowed (0, 1]"),
-    ({"rhos": []}, 422, ["body", "rhos"], "(0, 1]"),
+    ({"rhos": [0.5, 1.5]}, 422, ["body", "rhos", 1], "less than or equal to 1"),
+    ({"rhos": []}, 422, ["body", "rhos"], "at least 1 item"),
     ({"dataset": "nope"}, 404, ["body", "dataset"], "unknown dataset"),
     ({"dataset": "../etc"}, 422, ["body", "dataset"], "pattern"),
     ({"validation_fraction": 1.5}, 422, ["body", "validation_fraction"], "less than 1"),
@@ -197,22 +199,32 @@ def test_cancel_running_and_queued_jobs(live: LiveServer) -> None:
     assert f'laser_job_progress_ratio{{job="{first["id"]}"}} 0.3' in metrics
     assert 'laser_jobs{state="running"} 1.0' in metrics and 'laser_jobs{state="queued"} 1.0' in metrics
 
-    r = c.delete(f"/v1/jobs/{second['id']}")
+    assert c.delete(f"/v1/jobs/{first['id']}").status_code == 409  # running: cancel first, then delete
+    r = c.post(f"/v1/jobs/{second['id']}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    r = c.post(f"/v1/jobs/{first['id']}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     r = c.delete(f"/v1/jobs/{first['id']}")
-    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert r.status_code == 409 and "still ending" in r.text  # its step is held on the engine
     gate.set()
     wait_until(lambda: manager(live).running_job is None, what="the worker to wind the cancelled job up")
     job = c.get(f"/v1/jobs/{first['id']}").json()
     assert job["state"] == "cancelled" and job["done"] == 3 and job["test"] is None  # rows kept, no more steps
     assert [r["key"] for r in job["rows"]] == ["base", "laser:fc_in:1:0.5", "laser:fc_in:1:0.1"]
     assert c.get(f"/v1/jobs/{second['id']}").json()["rows"] == []
-    assert c.delete(f"/v1/jobs/{first['id']}").status_code == 409
+    assert c.post(f"/v1/jobs/{first['id']}/cancel").status_code == 409
     assert c.delete("/v1/datasets/toy").status_code == 200  # no unfinished job uses it any more
     states = {j["id"]: j["state"] for j in c.get("/v1/jobs").json()["data"]}
     assert states == {first["id"]: "cancelled", second["id"]: "cancelled"}
     metrics = c.get("/metrics").text
     assert 'laser_jobs{state="cancelled"} 2.0' in metrics and "laser_job_progress_ratio{" not in metrics
+    # Finished jobs can be deleted (they would pile up forever otherwise); their rows go with them.
+    r = c.delete(f"/v1/jobs/{first['id']}")
+    assert r.status_code == 200 and r.json() == {"id": first["id"], "deleted": True}
+    assert c.get(f"/v1/jobs/{first['id']}").status_code == 404
+    assert c.delete(f"/v1/jobs/{first['id']}").status_code == 404
+    assert [j["id"] for j in c.get("/v1/jobs").json()["data"]] == [second["id"]]
+    assert 'laser_jobs{state="cancelled"} 1.0' in c.get("/metrics").text
 
 
 def test_dataset_in_use_cannot_be_deleted(live: LiveServer) -> None:
@@ -238,7 +250,8 @@ def test_failed_job_reports_its_error(live: LiveServer) -> None:
     job = wait(c, start(c, dataset="toy", **SMALL)["id"])
     assert job["state"] == "failed" and job["error"] == "RuntimeError: disk on fire" and job["finished_at"]
     assert [r["key"] for r in job["rows"]] == ["base"]  # the finished step is kept
-    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 409
+    assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 200
 
 
 def test_resume_after_restart_skips_finished_steps(tmp_path: Path) -> None:
@@ -297,7 +310,7 @@ def test_no_winner_cannot_be_promoted_or_plotted(live: LiveServer) -> None:
     hold_after(live, 1, gate)
     job = start(c, dataset="toy", **SMALL)
     wait(c, job["id"], lambda j: j["done"] >= 1)
-    c.delete(f"/v1/jobs/{job['id']}")
+    c.post(f"/v1/jobs/{job['id']}/cancel")
     gate.set()
     r = c.post(f"/v1/jobs/{job['id']}/promote", json={"name": "w"})
     assert r.status_code == 409 and "no winning config" in r.text
@@ -346,7 +359,7 @@ def test_inference_is_served_while_a_sweep_runs(live: LiveServer) -> None:
         assert g.status_code == 200
     j = c.get(f"/v1/jobs/{job['id']}").json()
     assert j["state"] == "running" and j["done"] < j["total"]  # answered while the sweep was still running
-    assert c.delete(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+    assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
 
 
 def test_admin_key_guards_jobs(tmp_path: Path) -> None:
@@ -477,3 +490,78 @@ def test_sweep_on_ray_equals_the_in_process_job(tmp_path: Path) -> None:
         assert manager(srv).running_job is None
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from laser_ops.targets import TYPES  # noqa: E402
+
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                 st.text(max_size=5), st.just("\ud800"), st.just([]))
+
+
+def _or_junk(good: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(good, good, good, JUNK)
+
+
+CONFIGS = st.fixed_dictionaries({}, optional={
+    "strategy": _or_junk(st.sampled_from(["grid", "greedy_compose", "spectral_prior"])),
+    "kind": _or_junk(st.sampled_from(["laser", "laser_mp", "keep_bottom", "random_basis", "prune_magnitude", "zero"])),
+    "types": _or_junk(st.lists(st.sampled_from(TYPES), min_size=1, max_size=3)),
+    "layers": _or_junk(st.one_of(st.just("all"), st.lists(st.integers(-4, 3), min_size=1, max_size=3))),
+    "rhos": _or_junk(st.lists(st.floats(1e-9, 1), min_size=1, max_size=3)),
+    "seed": _or_junk(st.integers(0, 2**64)),
+    "validation_fraction": _or_junk(st.floats(0, 1)),
+    "max_validation_examples": _or_junk(st.integers(0, 30)),
+    "max_test_examples": _or_junk(st.integers(0, 30)),
+    "time_limit_s": _or_junk(st.floats(0, 1e6)),
+    "max_perplexity_ratio": _or_junk(st.floats(0, 10)),
+    "normalize": _or_junk(st.booleans()),
+    "batch_size": _or_junk(st.integers(0, 2000)),
+})
+
+
+@pytest.fixture(scope="module")
+def sweeper(tmp_path_factory: pytest.TempPathFactory):
+    s = start_server(tmp_path_factory.mktemp("sweep-properties"), tiny_loaded())
+    upload(s.client, "toy", toy_rows(16))
+    yield s
+    s.stop()
+
+
+#: Well-formed configs, so that accepted sweeps are explored as much as refused ones.
+VALID_CONFIGS = st.fixed_dictionaries({}, optional={
+    "strategy": st.sampled_from(["grid", "greedy_compose", "spectral_prior"]),
+    "kind": st.sampled_from(["laser", "laser_mp", "keep_bottom", "random_basis", "prune_magnitude", "zero"]),
+    "types": st.lists(st.sampled_from(TYPES), min_size=1, max_size=3),
+    "layers": st.one_of(st.just("all"), st.lists(st.integers(-3, 2), min_size=1, max_size=3)),
+    "rhos": st.lists(st.floats(1e-9, 1), min_size=1, max_size=3),
+    "seed": st.integers(0, 2**63 - 1),
+    "validation_fraction": st.floats(0.1, 0.9),
+    "max_validation_examples": st.integers(2, 30),
+    "time_limit_s": st.floats(1e-300, 1e6),
+    "normalize": st.booleans(),
+    "batch_size": st.integers(1, 1024),
+})
+
+
+@settings(max_examples=25, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(config=st.one_of(VALID_CONFIGS, CONFIGS))
+def test_any_sweep_is_accepted_and_runs_or_refused_with_4xx(sweeper: LiveServer, config: dict) -> None:
+    """Never accepted-then-broken: an accepted sweep runs to success (a budget of one config keeps it short)."""
+    c = sweeper.client
+    before = [j["id"] for j in c.get("/v1/jobs").json()["data"]]
+    body = json.dumps({**config, "dataset": "toy", "max_configs": 1})
+    r = c.post("/v1/jobs/sweeps", content=body.encode("utf-8", "surrogatepass"),
+               headers={"Content-Type": "application/json"})
+    if r.status_code != 202:
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"][0] == "body"
+        assert [j["id"] for j in c.get("/v1/jobs").json()["data"]] == before  # nothing stored
+        return
+    job = wait(c, r.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 200

@@ -119,10 +119,14 @@ def test_lm_eval_loglikelihood_matches_scorer(client: OpenAI, srv: LiveServer) -
 
 
 def _echo_stream_last(srv: LiveServer, body: dict) -> dict:
+    """The streamed choice reassembled: its text and its log-probs (sent chunk by chunk) joined."""
     with srv.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     last = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][-1]["choices"][0]
-    return {**last, "text": "".join(c["choices"][0]["text"] for c in chunks if c["choices"])}
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    logprobs = {k: [x for p in parts for x in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                              "text_offset")} if parts else None
+    return {**last, "logprobs": logprobs, "text": "".join(c["choices"][0]["text"] for c in chunks if c["choices"])}
 
 
 def test_one_pass_scoring_agrees_with_generate_path(srv: LiveServer) -> None:
@@ -214,7 +218,8 @@ def test_limits_and_unsupported_fields_are_400s_naming_the_field(client: OpenAI)
     assert err.value.body["param"] == "max_tokens"
     with pytest.raises(openai.APIStatusError) as err:
         client.completions.create(model="base", prompt=[5] * 101, max_tokens=1)
-    assert err.value.status_code == 413 and err.value.body["param"] == "prompt"
+    assert err.value.status_code == 400 and err.value.body["param"] == "prompt"
+    assert err.value.body["code"] == "context_length_exceeded"  # OpenAI's and vLLM's answer
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="base", prompt="a", frequency_penalty=0.5)
     assert err.value.body["param"] == "frequency_penalty"
@@ -259,8 +264,12 @@ def test_stream_ends_with_done_in_openai_format(srv: LiveServer) -> None:
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["text"] == PROMPT
-    last = chunks[-1]["choices"][0]
-    assert last["finish_reason"] in ("stop", "length") and last["logprobs"]["token_logprobs"][0] is None
+    assert chunks[0]["choices"][0]["logprobs"]["token_logprobs"][0] is None  # the echoed prompt's, first null
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    for chunk in chunks[1:]:  # every generated delta carries the log-probs of its own tokens
+        choice = chunk["choices"][0]
+        if choice["text"]:
+            assert choice["logprobs"]["tokens"] and "".join(choice["logprobs"]["tokens"]) == choice["text"]
 
 
 # --------------------------------------------------------------------------------------------- chat
@@ -376,7 +385,8 @@ def test_out_of_range_seed_is_a_400_naming_seed(srv: LiveServer) -> None:
 
 
 def test_oversize_text_prompt_is_refused_before_tokenizing(srv: LiveServer) -> None:
-    """Like the native routes: a prompt far over max_prompt_tokens in characters is a 413 without tokenizing."""
+    """A prompt far over max_prompt_tokens in characters is refused without tokenizing (400
+    context_length_exceeded, as OpenAI answers; the native routes answer 413)."""
     services = srv.app.state.services
     calls = []
     original = services.scorer.encode
@@ -385,8 +395,8 @@ def test_oversize_text_prompt_is_refused_before_tokenizing(srv: LiveServer) -> N
         r = srv.client.post("/v1/completions", json={"model": "base", "prompt": "ab " * 2000, "max_tokens": 1})
     finally:
         services.scorer.encode = original  # type: ignore[method-assign]
-    assert r.status_code == 413, r.text
-    assert r.json()["error"]["param"] == "prompt"
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt" and r.json()["error"]["code"] == "context_length_exceeded"
     assert calls == []
 
 
@@ -398,6 +408,6 @@ def test_oversize_chat_is_refused_before_rendering(srv: LiveServer, monkeypatch:
     monkeypatch.setattr(openai_serving, "render_chat", lambda *a, **k: calls.append(1) or original(*a, **k))
     r = srv.client.post("/v1/chat/completions", json={"model": "base", "max_tokens": 1,
                                                       "messages": [{"role": "user", "content": "ab " * 2000}]})
-    assert r.status_code == 413, r.text
-    assert r.json()["error"]["param"] == "messages"
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages" and r.json()["error"]["code"] == "context_length_exceeded"
     assert calls == []

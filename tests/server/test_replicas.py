@@ -221,7 +221,7 @@ def test_a_cancel_sent_to_either_server_stops_the_job(cluster: Cluster, via: str
     job_id = _sweep(a)
     _, owner = cluster.held(a, job_id)
     sender = owner if via == "owner" else cluster.other_than(owner)
-    r = sender.client.delete(f"/v1/jobs/{job_id}")
+    r = sender.client.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
     cluster.release(owner, job_id)
     wait_for("the owner to stop and settle the cancelled job",
@@ -231,7 +231,7 @@ def test_a_cancel_sent_to_either_server_stops_the_job(cluster: Cluster, via: str
         assert job["state"] == "cancelled" and job["done"] == HELD_ROWS and job["stopped"] == "cancelled"
         assert len(job["rows"]) == HELD_ROWS
     assert len(owner.stored(job_id)) == HELD_ROWS  # nothing stored after the cancel
-    assert sender.client.delete(f"/v1/jobs/{job_id}").status_code == 409
+    assert sender.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409  # already cancelled
 
 
 def test_kill_9_of_the_owner_the_other_finishes_after_the_lease(cluster: Cluster) -> None:

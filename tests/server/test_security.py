@@ -61,8 +61,49 @@ def test_health_ready_metrics_stay_open(keyed: LiveServer) -> None:
 
 def test_openapi_declares_bearer_auth(keyed: LiveServer) -> None:
     spec = keyed.client.get("/openapi.json").json()
-    assert "HTTPBearer" in spec["components"]["securitySchemes"]
-    assert spec["paths"]["/v1/generate"]["post"]["security"]
+    assert set(spec["components"]["securitySchemes"]) == {"AdminKey", "InferenceKey"}
+    assert spec["paths"]["/v1/generate"]["post"]["security"] == [{"InferenceKey": []}, {"AdminKey": []}]
+    assert spec["paths"]["/v1/profiles"]["post"]["security"] == [{"AdminKey": []}]
+    assert "401" in spec["paths"]["/v1/generate"]["post"]["responses"]
+    assert "403" in spec["paths"]["/v1/profiles"]["post"]["responses"]
+    assert "security" not in spec["paths"]["/health"]["get"]
+    for op in (op for ops in spec["paths"].values() for op in ops.values()):  # a scheme, never a header
+        assert not [p for p in op.get("parameters", []) if p["name"].lower() == "authorization"]
+
+
+def test_openapi_without_keys_declares_no_security(live: LiveServer) -> None:
+    spec = live.client.get("/openapi.json").json()
+    assert "securitySchemes" not in spec.get("components", {})
+    assert not [op for ops in spec["paths"].values() for op in ops.values() if "security" in op or "401" in
+                op["responses"]]
+
+
+def test_only_the_admin_key_leaves_inference_open(tmp_path: Path) -> None:
+    """--help: an unset inference key means inference is open, whatever the admin key."""
+    srv = start_server(tmp_path, tiny_loaded(), admin_api_key="admin-secret")
+    try:
+        c = srv.client
+        assert c.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 1}).status_code == 200
+        assert c.get("/v1/profiles").status_code == 200
+        assert c.post("/v1/profiles", json={"name": "p", "interventions": P1}).status_code == 401
+        assert c.post("/v1/profiles", json={"name": "p", "interventions": P1}, headers=WRONG).status_code == 401
+        spec = c.get("/openapi.json").json()
+        assert "security" not in spec["paths"]["/v1/generate"]["post"]
+        assert spec["paths"]["/v1/profiles"]["post"]["security"] == [{"AdminKey": []}]
+        assert set(spec["components"]["securitySchemes"]) == {"AdminKey"}
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b"[" * 100_000])
+def test_authentication_comes_before_the_body(keyed: LiveServer, body: bytes) -> None:
+    """An unauthenticated request learns it needs a key, not what is wrong with its body."""
+    headers = {"Content-Type": "application/json"}
+    for path in ("/v1/profiles", "/v1/generate", "/v1/completions"):
+        r = keyed.client.post(path, content=body, headers=headers)
+        assert r.status_code == 401, (path, r.text)
+    r = keyed.client.post("/v1/profiles", content=body, headers={**headers, **ADMIN})
+    assert r.status_code == 400 and r.json()["detail"][0]["type"] == "json_invalid", r.text
 
 
 def test_cors_off_by_default(live: LiveServer) -> None:

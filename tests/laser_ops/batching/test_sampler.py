@@ -73,3 +73,20 @@ def test_logprobs_are_those_of_the_raw_distribution() -> None:
     assert list(out.top[0].values()) == pytest.approx(logp[0].topk(3).values.tolist())
     assert out.logprobs[1] == pytest.approx(logp[1, out.tokens[1]].item()) and out.top[1] == {}
     assert all(math.isfinite(v) for v in out.top[0].values())
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1e-38, 1.0), (1e-320, 1.0), (5e-324, 1.0), (1.0, 1e-320),
+                                                    (0.7, 5e-324), (1e-320, 1e-320)])
+def test_tiny_temperature_or_top_p_samples_the_top_token(temperature: float, top_p: float) -> None:
+    """Sampling so close to greedy is greedy, not 'probability tensor contains either inf, nan or element < 0'."""
+    logits = torch.tensor([[1.0, 12.5, -3.0, 12.49, float("-inf")]])
+    for seed in range(5):
+        params = SamplingParams(temperature=temperature, top_p=top_p)
+        assert sample(logits, [params], [new_generator(seed, torch.device("cpu"))]).tokens == [1]
+
+
+def test_sampling_still_spreads_at_ordinary_temperatures() -> None:
+    logits = torch.tensor([[2.0, 2.0, 2.0, -50.0]])
+    seen = {sample(logits, [SamplingParams(temperature=1.0)], [new_generator(s, torch.device("cpu"))]).tokens[0]
+            for s in range(40)}
+    assert seen == {0, 1, 2}

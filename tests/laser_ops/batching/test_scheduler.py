@@ -174,3 +174,25 @@ def test_config_is_validated() -> None:
         SchedulerConfig(max_running=8, max_batch_tokens=8)
     with pytest.raises(ValueError, match="max_running"):
         SchedulerConfig(max_running=0)
+
+
+def test_queued_prefixes_keep_room_for_their_rows() -> None:
+    """Many multiple-choice contexts queued at once: prefixes never take the slots their own rows need."""
+    sched = Scheduler(SchedulerConfig(max_running=8, max_batch_tokens=4096, prefill_chunk=512))
+    donors = []
+    for q in range(6):
+        donor = Sequence(list(range(100 * q + 1, 100 * q + 21)), is_prefix=True)
+        donors.append(donor)
+        sched.add(donor)
+        for c in range(2):
+            sched.add(Sequence(donor.inputs + [7 + c, 9], targets=[9], score_from=21, prefix=donor))
+    steps = 0
+    while sched.has_work:
+        plan = sched.schedule()
+        assert not plan.empty or plan.retired, "no progress"
+        _run_step(sched, plan)
+        _check_slots(sched)
+        steps += 1
+        assert steps < 20
+    assert all(d.finished for d in donors)
+    assert steps <= 8  # 6 contexts x 2 rows through 8 slots: a few steps, not one row at a time

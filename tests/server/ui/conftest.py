@@ -1,4 +1,4 @@
-"""Browser fixtures: one headless Chromium per session (Debian's package, driven by Playwright's Python API).
+"""Browser fixtures: one headless Chromium for the UI tests (Debian's package, driven by Playwright's Python API).
 
 ``make test`` installs Chromium (apt) when it is missing and sets LASER_REQUIRE_BROWSER=1, so there a missing
 browser fails the run; a bare ``pytest`` on a machine without it skips these tests with the reason.
@@ -19,8 +19,10 @@ PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 20_000  # generous for a loaded 2-core machine; every wait ends as soon as its DOM condition holds
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[object]:
+    """Package-scoped: Playwright's sync API runs an event loop in this thread while it is open, so it is
+    closed before tests outside tests/server/ui run (their asyncio.run() needs the thread free)."""
     if not Path(CHROMIUM).exists():
         message = f"Chromium not found at {CHROMIUM} (make test installs Debian's chromium package)"
         if os.environ.get("LASER_REQUIRE_BROWSER"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.server.conftest import LiveServer, start_server, tiny_loaded
+from tests.server.conftest import LiveServer, start_server, tiny_loaded, wait_until
 from tests.server.ui.conftest import PHONE, open_ui, start_sweep_from_page
 
 EDITED = {"name": "edited", "description": "rank 1 on every MLP matrix",
@@ -206,8 +206,9 @@ def test_sweep_started_from_the_page_fills_the_heatmap_cell_by_cell_and_shows_a_
     verdict = page.locator("#job-verdict")
     expect(verdict).to_be_visible()
     job_id = page.locator("#job-title").inner_text().split()[1]
-    job = server.client.get(f"/v1/jobs/{job_id}").json()
-    assert job["state"] == "succeeded"
+    # The verdict can show from the test step's event a moment before the job's final state is stored.
+    job = wait_until(lambda: (j := server.client.get(f"/v1/jobs/{job_id}").json())["state"] == "succeeded" and j,
+                     what="the job to succeed")
     expect(verdict).to_contain_text(job["verdict"])
     for row in (r for r in job["rows"] if r["role"] == "config"):
         cell = page.locator(f'#job-heatmap td[data-key="fc_in|{row["layer"]}|{row["rho"]}"]')
