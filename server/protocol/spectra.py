@@ -11,7 +11,7 @@ class MatrixSpectrum(BaseModel):
     type: str = Field(..., description="LASER type (fc_in, q_proj, ...).")
     layer: int = Field(..., description="0-based layer (a negative request is resolved from the end).")
     param_name: str = Field(..., description="Parameter holding the matrix.")
-    shape: tuple[int, int] = Field(..., description="Logical (out, in) shape.")
+    shape: list[int] = Field(..., min_length=2, max_length=2, description="Logical (out, in) shape.")
     singular_values: list[float] = Field(..., description="All min(out, in) singular values, descending.")
     sigma_max: float = Field(..., description="Largest singular value.")
     sigma_min: float = Field(..., description="Smallest singular value.")

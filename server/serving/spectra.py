@@ -30,7 +30,7 @@ async def spectrum(services: Services, type_: str, layer: int, k: int | None) ->
 
     values, report = await services.engine.run_task(compute)
     return MatrixSpectrum(
-        type=ref.type, layer=ref.layer, param_name=ref.param_name, shape=ref.shape, singular_values=values,
+        type=ref.type, layer=ref.layer, param_name=ref.param_name, shape=list(ref.shape), singular_values=values,
         sigma_max=report.sigma_max, sigma_min=report.sigma_min, effective_rank=report.effective_rank,
         stable_rank=report.stable_rank, mp_threshold=report.mp_threshold, mp_rank=report.mp_rank,
         snr=report.snr if math.isfinite(report.snr) else None, k=report.k, retained_energy=report.retained_energy,
