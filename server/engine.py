@@ -222,6 +222,7 @@ class Engine:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step or task chunk; queued work fails with :class:`EngineStopped`."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -236,6 +237,8 @@ class Engine:
             self._background.clear()
             self._running.clear()
         for job in jobs:
+            if job.chunks is not None:  # a chunked task (a sweep step) ends at the chunk boundary it reached
+                job.chunks.close()
             job.resolve(error=EngineStopped("server is shutting down"))
 
     @property

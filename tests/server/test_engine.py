@@ -20,7 +20,7 @@ from laser_ops.scoring import GenerationRequest, HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
 from laser_ops.testing import CAUSAL_ARCHS, make_tiny_model, tiny_tokenizer
-from server.engine import Engine, RequestCancelled, UnknownProfile
+from server.engine import Engine, EngineStopped, RequestCancelled, UnknownProfile
 from server.metrics import Metrics
 from tests.server.conftest import ForwardGate, LiveServer, start_server, tiny_loaded, until
 
@@ -571,3 +571,36 @@ def test_owner_thread_survives_results_for_a_closed_event_loop() -> None:
         assert asyncio.run(asyncio.wait_for(engine.run_task(lambda s, c: 2), 60)) == 2
     finally:
         engine.stop()
+
+
+def test_stop_ends_a_chunked_task_at_its_chunk_boundary() -> None:
+    """Shutdown (SIGTERM) does not wait for a whole sweep step: it stops after the chunk in progress."""
+    engine = _bare_engine(background_grace_s=0.0)
+    inside, release, closed = threading.Event(), threading.Event(), threading.Event()
+    chunks: list[int] = []
+
+    def step(swapper: WeightSwapper, scorer: HFScorer) -> object:
+        try:
+            for i in range(100):
+                chunks.append(i)
+                if i == 1:
+                    inside.set()
+                    release.wait(60)
+                yield
+        except GeneratorExit:
+            closed.set()
+            raise
+        return "all chunks"
+
+    async def run() -> None:
+        task = asyncio.create_task(engine.run_task(step, background=True))
+        await asyncio.to_thread(inside.wait, 60)  # the second chunk is running
+        stopper = threading.Thread(target=engine.stop)
+        stopper.start()
+        release.set()
+        await asyncio.to_thread(stopper.join, 60)
+        with pytest.raises(EngineStopped):
+            await task
+
+    asyncio.run(run())
+    assert chunks == [0, 1] and closed.is_set()

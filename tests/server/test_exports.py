@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from laser_ops.interventions import parse_profile
-from tests.server.conftest import LiveServer, start_server, tiny_loaded
+from tests.server.conftest import LiveServer, start_server, tiny_loaded, until
 
 PROFILE = [{"kind": "laser", "target": "fc_in", "layer": -1, "rank_fraction": 0.25},
            {"kind": "laser", "target": "q_proj", "layer": 0, "rank": 2}]
@@ -197,3 +197,52 @@ def test_admin_key_guards_exports(tmp_path: Path) -> None:
         assert c.get(f, headers={"Authorization": "Bearer adm"}).status_code == 200
     finally:
         s.stop()
+
+
+def test_export_files_are_written_off_the_engine_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While an export's files are being written, the engine serves requests, and sweep-like background tasks
+    (which swap weights) wait until the write is done: the writer reads the live base weights."""
+    import threading
+
+    from server.serving import exports as exports_serving
+
+    writing, release = threading.Event(), threading.Event()
+    real_write = exports_serving.write_export
+
+    def gated_write(*args, **kwargs):
+        writing.set()
+        if not release.wait(60):
+            raise TimeoutError("never released")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(exports_serving, "write_export", gated_write)
+    srv = start_server(tmp_path, tiny_loaded())
+    engine = srv.app.state.services.engine
+    try:
+        c = srv.client
+        assert c.post("/v1/profiles", json={"name": "p", "interventions": PROFILE}).status_code == 201
+        order: list[str] = []
+
+        async def run() -> tuple[int, int]:
+            import httpx
+
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:
+                export = asyncio.create_task(ac.post("/v1/profiles/p/export", json={"name": "e"}))
+                await asyncio.to_thread(writing.wait, 60)  # the snapshot is taken; files are being written
+                r = await ac.post("/v1/generate", json={"profile": "p", "prompt": "Paris is", "max_new_tokens": 3})
+                order.append("generate")
+                seen = engine.submitted
+                background = asyncio.create_task(
+                    engine.run_task(lambda s, sc: order.append("background"), background=True))
+                await until(lambda: engine.submitted > seen, what="the background task to reach the engine")
+                order.append("release")
+                release.set()
+                await background
+                return r.status_code, (await export).status_code
+
+        gen_status, export_status = asyncio.run(run())
+        assert gen_status == 200 and export_status == 201
+        assert order == ["generate", "release", "background"]
+    finally:
+        release.set()
+        srv.stop()
