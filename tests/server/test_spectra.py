@@ -39,7 +39,7 @@ def test_spectrum_is_the_base_matrix_svd_even_while_an_edited_profile_is_live(li
 
 @pytest.mark.parametrize(("path", "params", "loc", "words"), [
     ("/v1/spectrum/fc_in/3", {}, ["path", "layer"], "allowed -3..2"),
-    ("/v1/spectrum/nope/0", {}, ["path", "type"], "nope"),
+    ("/v1/spectrum/nope/0", {}, ["path", "type"], "out_proj"),
     ("/v1/spectrum/fc_in/0", {"k": 0}, ["query", "k"], "allowed 1..32"),
     ("/v1/spectrum/fc_in/0", {"k": 33}, ["query", "k"], "allowed 1..32"),
 ])
