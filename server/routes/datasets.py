@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 
 from server.deps import ServicesDep
-from server.protocol.datasets import (
+from laser_protocol.datasets import (
     DATASET_NAME_PATTERN,
     DatasetCreate,
     DatasetDeleted,

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.deps import ServicesDep
-from server.protocol.inference import (
+from laser_protocol.inference import (
     PROFILE_HEADER,
     CompareRequest,
     CompareResponse,

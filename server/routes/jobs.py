@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from server.deps import ServicesDep
 from server.openapi import link, sse_event
-from server.protocol.jobs import (
+from laser_protocol.jobs import (
     ExampleFilter,
     ExamplePage,
     ExampleSplit,
@@ -21,7 +21,7 @@ from server.protocol.jobs import (
     PromoteRequest,
     SweepJobCreate,
 )
-from server.protocol.profiles import ProfilePublic
+from laser_protocol.profiles import ProfilePublic
 from server.routing import ApiRoute
 from server.security import AdminAuth, InferenceAuth
 from server.serving import jobs as serving

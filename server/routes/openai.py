@@ -22,7 +22,7 @@ from laser_ops.interventions import InterventionError
 from server.deps import ServicesDep
 from server.engine import EngineOverloaded, EngineStopped, RequestCancelled, UnknownProfile
 from server.errors import ApiError, printable
-from server.protocol.openai import (
+from laser_protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -39,7 +39,7 @@ from server.protocol.openai import (
 )
 from server.openapi import sse_event
 from server.routing import ApiRoute
-from server.protocol.inference import PROFILE_HEADER
+from laser_protocol.inference import PROFILE_HEADER
 from server.security import InferenceAuth
 from server.serving import openai as serving
 

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import laser_ops
 from server.deps import ServicesDep
-from server.protocol.system import Health, Info, LaserTypeInfo, Readiness
+from laser_protocol.system import Health, Info, LaserTypeInfo, Readiness
 from server.routing import ApiRoute
 
 router = APIRouter(tags=["system"], route_class=ApiRoute)

@@ -11,7 +11,7 @@ from typing import Any
 
 from laser_ops.datasets import Dataset, DatasetError, PromptFormat, parse_bigbench, parse_jsonl
 from server.errors import ApiError
-from server.protocol.datasets import (
+from laser_protocol.datasets import (
     SAMPLE_SIZE,
     BadRow,
     DatasetCreate,

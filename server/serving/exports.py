@@ -28,7 +28,7 @@ from laser_ops.export import PROFILE_FILE, ExportReport, ExportSnapshot, snapsho
 from laser_ops.interventions import InterventionError
 from laser_ops.targets import TargetError
 from server.errors import ApiError
-from server.protocol.exports import (
+from laser_protocol.exports import (
     ExportCreate,
     ExportDeleted,
     ExportFile,

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from laser_ops.scoring import GenerationResult, LoglikelihoodResult, RollingResult
+from laser_ops.scoring import GenerationRequest, GenerationResult, LoglikelihoodResult, RollingResult
 from server.engine import ProfileStamp, Served
 from server.errors import ApiError
-from server.protocol.inference import (
+from laser_protocol.inference import (
     DEFAULT_MAX_NEW_TOKENS,
     CompareDiff,
     CompareRequest,
@@ -84,7 +84,9 @@ def _generation_requests(services: Services, params: GenerateParams, loc: Loc) -
         where = (*loc, field) if field == "prompt" else (*loc, field, i)
         ids = _encode(services, text, where)
         _check_positions(services, len(ids), max_new, where)
-        requests.append(params.to_generation_request(ids, max_new))
+        requests.append(GenerationRequest(prompt_ids=ids, max_new_tokens=max_new, temperature=params.temperature,
+                                          top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                                          stop=list(params.stop or [])))
     return requests
 
 

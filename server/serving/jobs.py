@@ -50,7 +50,7 @@ from laser_ops.sweeps import (
 from laser_ops.targets import TargetError
 from server.engine import RequestCancelled
 from server.errors import ApiError
-from server.protocol.jobs import (
+from laser_protocol.jobs import (
     TERMINAL_STATES,
     Accuracy,
     ExampleEvidence,
@@ -70,7 +70,7 @@ from server.protocol.jobs import (
     SweepRowPublic,
     TestReportPublic,
 )
-from server.protocol.profiles import ProfilePublic
+from laser_protocol.profiles import ProfilePublic
 from server.serving import datasets as datasets_serving
 from server.serving import profiles as profiles_serving
 from server.state import Services

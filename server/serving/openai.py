@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from laser_ops.batching.detokenizer import IncrementalDetokenizer, token_string
 from laser_ops.scoring import GenerationDelta, GenerationRequest, GenerationResult, PromptLogprobs
 from server.errors import ApiError
-from server.protocol.openai import (
+from laser_protocol.openai import (
     AssistantMessage,
     ChatChoice,
     ChatChoiceLogprobs,

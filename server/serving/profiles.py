@@ -16,7 +16,7 @@ from laser_ops.interventions import InterventionError, InterventionSpec
 from laser_ops.swap import EditReport
 from laser_ops.targets import TargetError
 from server.errors import ApiError
-from server.protocol.profiles import (
+from laser_protocol.profiles import (
     MatrixEditReport,
     ProfileBase,
     ProfileDeleted,

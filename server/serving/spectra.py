@@ -9,7 +9,7 @@ from laser_ops.spectral import SpectrumReport
 from laser_ops.swap import WeightSwapper
 from laser_ops.targets import TargetError
 from server.errors import ApiError
-from server.protocol.spectra import MatrixSpectrum
+from laser_protocol.spectra import MatrixSpectrum
 from server.state import Services
 
 

@@ -53,7 +53,7 @@ def c(srv: LiveServer) -> Iterator[LaserClient]:
 def test_models_mirror_every_server_field() -> None:
     for mine, theirs in m.MIRRORS.items():
         module, name = theirs.split(":")
-        server_model = getattr(importlib.import_module(f"server.protocol.{module}"), name)
+        server_model = getattr(importlib.import_module(f"laser_protocol.{module}"), name)
         missing = set(server_model.model_fields) - set(mine.model_fields)
         assert not missing, f"{mine.__name__} lacks {missing} of {theirs}"
 

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from laser_ops.validation import REQUEST_CONFIG
-from server.protocol.validation import Int, IntRange, JsonValue, Text, one_of_groups
+from laser_protocol.validation import REQUEST_CONFIG
+from laser_protocol.validation import Int, IntRange, JsonValue, Text, one_of_groups
 
 #: OpenAI requests carry many fields laser-serve does not use: unknown ones are ignored, known ones are strict.
 _OPENAI_REQUEST = ConfigDict(**{**REQUEST_CONFIG, "extra": "ignore"})

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from server.protocol.validation import RequestModel
+from laser_protocol.validation import RequestModel
 
 EXPORT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
 

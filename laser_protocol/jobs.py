@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from laser_ops.sweeps import SweepConfig
-from server.protocol.datasets import DATASET_NAME_PATTERN
-from server.protocol.profiles import ProfileName
-from server.protocol.validation import RequestModel, Text
+from laser_protocol.sweeps import SweepConfig
+from laser_protocol.datasets import DATASET_NAME_PATTERN
+from laser_protocol.profiles import ProfileName
+from laser_protocol.validation import RequestModel, Text
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})

@@ -6,9 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from laser_ops.scoring import GenerationRequest
-from server.protocol.profiles import ProfileName
-from server.protocol.validation import Int, IntRange, RequestModel, Text, one_of_groups
+from laser_protocol.profiles import ProfileName
+from laser_protocol.validation import Int, IntRange, RequestModel, Text, one_of_groups
 
 #: Response header naming the weights that computed an answer: "<profile>; hash=<interventions hash>".
 PROFILE_HEADER = "X-Laser-Profile"
@@ -64,12 +63,6 @@ class GenerateParams(RequestModel):
     @property
     def prompt_list(self) -> list[str]:
         return [self.prompt] if self.prompt is not None else list(self.prompts or [])
-
-    def to_generation_request(self, prompt_ids: list[int], max_new_tokens: int) -> GenerationRequest:
-        """Engine parameters for one (already tokenized) prompt."""
-        return GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-                                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                 seed=self.seed, stop=list(self.stop or []))
 
 
 class GenerateRequest(GenerateParams):

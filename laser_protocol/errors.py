@@ -4,7 +4,7 @@
 errors that concern no field, such as 429); ``type`` is machine-readable (``value_error``, ``json_invalid``,
 ``not_found``, ``overloaded``, ...). Validation errors may add ``input`` (the refused value, when it is small
 and JSON can carry it) and ``ctx`` (the violated bound). The OpenAI routes answer OpenAI's own error shape
-(:mod:`server.protocol.openai`).
+(:mod:`laser_protocol.openai`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from laser_ops.interventions import InterventionSpec
-from server.protocol.validation import RequestModel, Text
+from laser_protocol.interventions import InterventionSpec
+from laser_protocol.validation import RequestModel, Text
 
 PROFILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 

@@ -1,5 +1,6 @@
-"""Input checks shared by the library's request models and the server's protocol: well-formed text, finite
-numbers, integers that are not booleans, JSON of bounded nesting.
+"""Input checks shared by every request model (the library's config schemas and the routes' bodies): well-formed
+text, finite numbers, integers that are not booleans, JSON of bounded nesting; and cross-field rules written into
+the JSON schema, so the schema says what the server accepts.
 
 Python's ``json`` module reads ``NaN``, ``Infinity`` and ``1e400`` as non-finite floats, ``"\\ud800"`` as a
 string holding a lone UTF-16 surrogate (which no tokenizer, SQLite or JSON encoder accepts) and nests as deep
@@ -15,7 +16,7 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Tag
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Tag
 
 #: Deepest JSON nesting any input needs (a dataset row is 3 levels deep; a request body about 6).
 MAX_JSON_DEPTH = 32
@@ -131,3 +132,28 @@ def _json_value(value: Any) -> Any:
 
 #: An arbitrary JSON value (object members, list items, ...) that is safe to store and to echo back.
 JsonValue = Annotated[Any, AfterValidator(_json_value)]
+
+
+class RequestModel(BaseModel):
+    """Base of request bodies: unknown fields refused, strict types, finite floats (see ``REQUEST_CONFIG``)."""
+
+    model_config = REQUEST_CONFIG
+
+
+def one_of_groups(*groups: dict[str, str], optional: bool = False) -> dict[str, Any]:
+    """JSON schema for "exactly one of these groups of fields is given" (``optional``: at most one).
+
+    A rule such as "give exactly one of prompt or prompts" is checked by the model's validator *and* stated in its
+    schema with this; null counts as absent on both sides. Each group maps its fields to their JSON type; a group
+    is given when all its fields are present and not null, and then every field of the other groups must be absent
+    or null. The alternatives exclude each other, so ``oneOf`` holds exactly when the model's own check passes.
+    """
+    names = [f for g in groups for f in g]
+    alternatives: list[dict[str, Any]] = []
+    for group in groups:
+        props: dict[str, Any] = {f: {"type": "null"} for f in names if f not in group}
+        props.update({f: {"type": t} for f, t in group.items()})
+        alternatives.append({"required": list(group), "properties": props})
+    if optional:
+        alternatives.append({"properties": {f: {"type": "null"} for f in names}})
+    return {"oneOf": alternatives}

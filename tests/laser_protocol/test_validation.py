@@ -8,7 +8,7 @@ import math
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from laser_ops.validation import (
+from laser_protocol.validation import (
     MAX_JSON_DEPTH,
     REQUEST_CONFIG,
     InputError,
