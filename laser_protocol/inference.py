@@ -111,6 +111,11 @@ class GenerateResponse(BaseModel):
     choices: list[GenerateChoice] = Field(..., description="One per prompt, in request order.")
     usage: GenerateUsage = Field(..., description="Token counts over all prompts.")
 
+    @property
+    def text(self) -> str:
+        """The first (usually only) choice's text."""
+        return self.choices[0].text if self.choices else ""
+
 
 class GenerateStreamEvent(BaseModel):
     """One ``data:`` event of a streamed generate; the last one before ``data: [DONE]`` has finish_reason and usage."""

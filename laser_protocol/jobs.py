@@ -129,6 +129,11 @@ class JobProgress(BaseModel):
     last: SweepRowPublic | None = Field(None, description="The step that just finished.")
     error: str | None = Field(None, description="Why the job failed.")
 
+    @property
+    def terminal(self) -> bool:
+        """The job has ended (succeeded, failed or cancelled)."""
+        return self.state in TERMINAL_STATES
+
 
 class JobSummary(BaseModel):
     """A job in listings."""
@@ -149,6 +154,11 @@ class JobSummary(BaseModel):
     heartbeat_at: float | None = Field(None, description=(
         "Unix time (database clock) of the owner's last heartbeat; another server takes a running job over "
         "once this is older than job_lease_s."))
+
+    @property
+    def terminal(self) -> bool:
+        """The job has ended (succeeded, failed or cancelled)."""
+        return self.state in TERMINAL_STATES
 
 
 class JobPublic(JobSummary):
