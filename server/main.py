@@ -22,7 +22,7 @@ from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.routes import datasets, exports, inference, jobs, openai, profiles, spectra, system, ui
 from server.serving import datasets as datasets_serving
-from server.serving import jobs as jobs_serving
+from server.serving.jobs import service as jobs_serving
 from server.serving import profiles as profiles_serving
 from server.state import build_services
 

@@ -20,7 +20,7 @@ from server.openapi import link
 from server.routing import ApiRoute
 from server.security import AdminAuth, InferenceAuth
 from server.serving import datasets as serving
-from server.serving import jobs as jobs_serving
+from server.serving.jobs import service as jobs_serving
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=ApiRoute)
 

@@ -7,7 +7,6 @@ and shapes answers. Expected failures raise :class:`ApiError` naming the field.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -15,6 +14,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from laser_ops.scoring import GenerationRequest, GenerationResult, LoglikelihoodResult, RollingResult
+from server import sse
 from server.engine import ProfileStamp, Served
 from server.errors import ApiError
 from laser_protocol.inference import (
@@ -118,13 +118,8 @@ async def generate(services: Services, request: Request, body: GenerateRequest) 
     return response, stamp_header(response.profile, response.profile_hash)
 
 
-def _sse(payload: Any) -> str:
-    data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
 async def generate_stream(services: Services, request: Request, body: GenerateRequest
-                          ) -> tuple[AsyncIterator[str], str]:
+                          ) -> tuple[AsyncIterator[sse.Event], str]:
     """Validate now (errors keep their 4xx status), then return the SSE events and the
     ``X-Laser-Profile`` header value (the profile is resolved before the first token).
 
@@ -140,23 +135,25 @@ async def generate_stream(services: Services, request: Request, body: GenerateRe
     stamp = resolved.stamp
     stream = services.engine.generate_stream(resolved, req)
 
-    async def events() -> AsyncIterator[str]:
-        event = lambda **kw: GenerateStreamEvent(profile=stamp.name, profile_hash=stamp.hash, **kw)  # noqa: E731
-        yield _sse(event())
+    def event(**kw: Any) -> str:
+        return sse.data(GenerateStreamEvent(profile=stamp.name, profile_hash=stamp.hash, **kw), exclude_none=True)
+
+    async def events() -> AsyncIterator[sse.Event]:
+        yield event()
         try:
             async with aclosing(stream):
                 async for item in stream:
                     if isinstance(item, str):
-                        yield _sse(event(text=item))
+                        yield event(text=item)
                     elif isinstance(item, GenerationResult):
-                        yield _sse(event(finish_reason=item.finish_reason, usage=_usage([item])))
+                        yield event(finish_reason=item.finish_reason, usage=_usage([item]))
         except ApiError as e:
-            yield _sse(StreamError(error=e.message))
+            yield sse.data(StreamError(error=e.message), exclude_none=True)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
-            yield _sse(StreamError(error=f"{type(e).__name__}: {e}"))
-        yield "data: [DONE]\n\n"
+            yield sse.data(StreamError(error=f"{type(e).__name__}: {e}"), exclude_none=True)
+        yield sse.DONE
 
     return events(), stamp.header
 

@@ -401,7 +401,7 @@ def test_oversize_text_prompt_is_refused_before_tokenizing(srv: LiveServer) -> N
 
 
 def test_oversize_chat_is_refused_before_rendering(srv: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.serving import openai as openai_serving
+    from server.serving.openai import chat as openai_serving
 
     calls = []
     original = openai_serving.render_chat
