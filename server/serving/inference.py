@@ -54,13 +54,13 @@ Loc = tuple[str | int, ...]
 def _encode(services: Services, text: str, loc: Loc) -> list[int]:
     """Token ids of a prompt, refusing oversize prompts (cheap length check first, then the real count)."""
     check_prompt_chars(services, text, loc)
-    ids = services.scorer.encode(text)
+    ids = services.engine.info.encode(text)
     check_prompt_tokens(services, len(ids), loc)
     return ids
 
 
 def _check_positions(services: Services, n_prompt: int, max_new: int, loc: Loc) -> None:
-    limit = services.scorer.max_positions
+    limit = services.engine.info.max_positions
     if limit is not None and n_prompt + max_new > limit:
         raise ApiError(422, f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                             f"{limit} positions", loc)
@@ -172,10 +172,10 @@ def _continuation_scores(params: ScoreParams, results: list[LoglikelihoodResult]
 
 async def _run_score(services: Services, profile: str, params: ScoreParams, loc: Loc,
                      is_disconnected: Disconnected) -> ScoreResponse:
-    engine, scorer = services.engine, services.scorer
+    engine, text = services.engine, services.engine.info
     if params.text is not None:
         check_prompt_chars(services, params.text, (*loc, "text"), "text")
-        check_prompt_tokens(services, len(scorer.encode(params.text)), (*loc, "text"))
+        check_prompt_tokens(services, len(text.encode(params.text)), (*loc, "text"))
         served = await engine.rolling(profile, [params.text], is_disconnected=is_disconnected)
         [rolled] = served.value
         assert isinstance(rolled, RollingResult)
@@ -186,7 +186,7 @@ async def _run_score(services: Services, profile: str, params: ScoreParams, loc:
     _encode(services, context, (*loc, "context"))  # size checks before the pairs are built
     pairs = []
     for i, cont in enumerate(params.continuations or []):
-        ctx_ids, cont_ids = scorer.encode_pair(context, cont)
+        ctx_ids, cont_ids = text.encode_pair(context, cont)
         check_prompt_tokens(services, len(ctx_ids) + len(cont_ids), (*loc, "continuations", i))
         pairs.append((ctx_ids, cont_ids))
     served = await engine.loglikelihood(profile, pairs, is_disconnected=is_disconnected)

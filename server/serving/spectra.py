@@ -15,7 +15,7 @@ from server.state import Services
 
 async def spectrum(services: Services, type_: str, layer: int, k: int | None) -> MatrixSpectrum:
     """Singular values and diagnostics; 422 naming the path or query field that does not fit the model."""
-    targets = services.swapper.targets
+    targets = services.engine.info.targets
     try:
         ref = targets.ref(type_, layer)
     except TargetError as e:

@@ -166,7 +166,7 @@ class JobManager:
                 return
 
     async def _check_model(self, job: JobRecord) -> None:
-        loaded = self.services.loaded
+        loaded = self.services.engine.info.identity
         if job.model_fingerprint is None:  # submitted before jobs recorded their model (a v0.1 database)
             if await self.db.run(self.store.bind_model, job.id, self.owner, loaded.fingerprint, loaded.model_id):
                 logger.warning("job %s did not record its model; bound it to %s (%s)", job.id, loaded.model_id,
@@ -247,7 +247,7 @@ class JobManager:
         """Each step is a chunked engine task on the model-owner thread (one batch of rows per chunk), so
         inference runs between chunks."""
         job = live.job
-        steps = runner.steps(self.services.swapper.targets)
+        steps = runner.steps(self.services.engine.info.targets)
         while True:
             step = await asyncio.to_thread(next, steps, None)
             if step is None:
@@ -270,7 +270,7 @@ class JobManager:
     async def _run_on_ray(self, live: _Live, address: str, config: SweepConfig, dataset: Dataset,
                           runner: SweepRunner) -> None:
         """The job's steps on a pool of Ray actors (each loads this server's model; fingerprint checked)."""
-        settings, loaded = self.services.settings, self.services.loaded
+        settings, loaded = self.services.settings, self.services.engine.info.identity
         source = ModelSource(loaded.source, loaded.fingerprint, device=settings.device, dtype=settings.dtype,
                              cache_dir=str(settings.cache_dir) if settings.cache_dir else None)
         pool = await asyncio.to_thread(RaySweepPool, address, source, config, dataset, actors=settings.ray_actors,
@@ -288,7 +288,7 @@ class JobManager:
                             len(live.persisted), row.seconds)
 
         try:
-            await asyncio.to_thread(run_steps, runner, self.services.swapper.targets, pool.submit,
+            await asyncio.to_thread(run_steps, runner, self.services.engine.info.targets, pool.submit,
                                     max_in_flight=pool.size, on_record=persist)
         except PoolClosed:
             if not live.cancel.is_set():
@@ -352,7 +352,10 @@ class JobManager:
         job = await self.db.run(self.store.get, job_id)
         if job is None:
             raise ApiError(404, f"unknown job {job_id!r}", ("path", "job_id"))
-        if not job.terminal or self.running_job == job_id:
+        # 'succeeded' and 'failed' are the worker's own last write; a job cancelled from outside may still be
+        # ending its step here (and will settle its rows), so only that one waits for the worker.
+        ending = job.state == "cancelled" and self.running_job == job_id
+        if not job.terminal or ending:
             raise ApiError(409, f"job {job_id} is {job.state}"
                            + ("" if job.terminal else f"; cancel it first (POST /v1/jobs/{job_id}/cancel)")
                            + (" and still ending its current step; retry shortly" if job.terminal else ""),

@@ -29,7 +29,6 @@ from server.serving.jobs.service import get_record, manager
 logger = logging.getLogger(__name__)
 
 
-
 def _shown(example: Any, prediction: int | str | None) -> str:
     if isinstance(prediction, int) and example.choices:
         return example.choices[prediction]

@@ -33,32 +33,32 @@ from server.serving.jobs.manager import JobManager
 
 logger = logging.getLogger(__name__)
 
-EXTRAS_KEY = "jobs"
-
 
 def manager(services: Services) -> JobManager:
-    return services.extras[EXTRAS_KEY]
+    if services.jobs is None:
+        raise RuntimeError("the job manager is not started")
+    return services.jobs
 
 
 async def startup(app: Any, services: Services) -> None:
-    """Start-up hook (after the dataset store's): build the manager; it claims unfinished jobs as it goes."""
-    m = JobManager(services, datasets_serving.store(services), JobStore(services.db),
+    """Start-up hook: build the manager; it claims unfinished jobs as it goes."""
+    m = JobManager(services, services.datasets, JobStore(services.db),
                    lease_s=services.settings.job_lease_s)
-    services.extras[EXTRAS_KEY] = m
+    services.jobs = m
     m.start()
 
 
 async def shutdown(app: Any) -> None:
     """Shutdown hook: cancel the worker and SSE helpers; the running job is given back to the queue."""
     services = getattr(app.state, "services", None)
-    m = services.extras.get(EXTRAS_KEY) if services is not None else None
+    m = services.jobs if services is not None else None
     if m is not None:
         await m.stop()
 
 
 def _check_grid(services: Services, config: SweepConfig) -> int:
     """Validate the grid against the loaded model; the number of configs. 422 naming the field."""
-    targets = services.swapper.targets
+    targets = services.engine.info.targets
     try:
         return len(grid_candidates(config, targets))
     except (SweepConfigError, TargetError) as e:
@@ -87,11 +87,11 @@ async def create_sweep(services: Services, body: SweepJobCreate) -> JobPublic:
             fld = getattr(e, "field", "validation_fraction")
             what = "cannot be split with this config" if fld == "validation_fraction" else "does not fit this config"
             raise ApiError(422, f"dataset {body.dataset!r} {what}: {e}", ("body", fld)) from None
-        loaded = services.loaded
+        identity = services.engine.info.identity
         stored = config.model_dump(mode="json") | ({"ray_address": body.ray_address} if body.ray_address else {})
         job = m.store.create(body.dataset, stored, total=planned_total(config, n_grid),
                              n_validation=len(runner.split.validation), n_test=len(runner.split.test),
-                             model_fingerprint=loaded.fingerprint, model_id=loaded.model_id)
+                             model_fingerprint=identity.fingerprint, model_id=identity.model_id)
         return m.view(job, [])
 
     public = await services.db.run(create)

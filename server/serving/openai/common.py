@@ -68,10 +68,9 @@ class TokenText:
 
 
 def token_text(services: Services) -> TokenText:
-    tt = services.extras.get("openai.token_text")
-    if tt is None:
-        tt = services.extras["openai.token_text"] = TokenText(services.loaded.tokenizer)
-    return tt
+    if services.token_text is None:
+        services.token_text = TokenText(services.engine.info.tokenizer)
+    return services.token_text
 
 
 # --------------------------------------------------------------------------------------------- shared checks
@@ -80,7 +79,7 @@ def token_text(services: Services) -> TokenText:
 def resolve_model(services: Services, request: Request, name: str | None) -> str:
     """The profile a request's ``model`` names (404 naming the known models); labels the request's metrics."""
     profile = name or services.settings.default_profile
-    if profile not in services.profiles and profile == services.loaded.model_id:
+    if profile not in services.profiles and profile == services.engine.info.model_id:
         profile = "base"
     if profile not in services.profiles:
         known = ", ".join(["base", *(p.name for p in services.profiles.list())])
@@ -92,12 +91,11 @@ def resolve_model(services: Services, request: Request, name: str | None) -> str
 
 def vocab_size(services: Services) -> int:
     """Token ids the model accepts: 0 .. vocab_size - 1."""
-    emb = services.scorer.model.get_input_embeddings()
-    return int(getattr(emb, "num_embeddings", 0) or len(services.loaded.tokenizer))
+    return services.engine.info.vocab_size
 
 
 def max_positions(services: Services) -> int | None:
-    return services.scorer.max_positions
+    return services.engine.info.max_positions
 
 
 def check_context(services: Services, n_prompt: int, max_tokens: int, field: str) -> None:
@@ -118,22 +116,22 @@ def prompt_ids(services: Services, prompt: Any) -> list[list[int]]:
     else:
         items = list(prompt)
     vocab = vocab_size(services)
-    scorer = services.scorer
+    text = services.engine.info
     out: list[list[int]] = []
     for i, item in enumerate(items):
         loc: tuple[str | int, ...] = ("body", "prompt") if len(items) == 1 else ("body", "prompt", i)
         if isinstance(item, str):
             check_prompt_chars(services, item, loc)
-            ids = scorer.encode(item)
+            ids = text.encode(item)
         else:
             ids = list(item)
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
                 raise OpenAIApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", loc)
         if not ids:
-            if scorer.prefix_token_id is None:
+            if text.prefix_token_id is None:
                 raise OpenAIApiError(400, "prompt is empty and the model has no BOS token", loc)
-            ids = [scorer.prefix_token_id]
+            ids = [text.prefix_token_id]
         check_prompt_tokens(services, len(ids), loc)
         out.append(ids)
     return out
@@ -207,9 +205,9 @@ async def merge_streams(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tupl
 def render_chat(services: Services, messages: list[Any], *, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, extra: dict[str, Any] | None = None) -> list[int]:
     """Token ids of the chat as the model's chat template renders it (no extra special tokens)."""
-    tokenizer = services.loaded.tokenizer
+    tokenizer = services.engine.info.tokenizer
     if not getattr(tokenizer, "chat_template", None):
-        raise OpenAIApiError(400, f"model {services.loaded.model_id!r} has no chat template; use /v1/completions",
+        raise OpenAIApiError(400, f"model {services.engine.info.model_id!r} has no chat template; use /v1/completions",
                              ("body", "messages"))
     try:
         text = tokenizer.apply_chat_template(

@@ -69,7 +69,6 @@ def _joined(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
                               text_offset=[t for p in parts for t in p.text_offset])
 
 
-
 class _Completion:
     """A validated completion request, ready to run."""
 
@@ -88,8 +87,8 @@ class _Completion:
         self.engine = services.engine
         self.want_logprobs = body.logprobs is not None
         self.top_n = body.logprobs or 0
-        self.eos_ids = set(services.scorer.eos_token_ids)
-        eos = services.loaded.tokenizer.eos_token_id
+        self.eos_ids = set(services.engine.info.eos_token_ids)
+        eos = services.engine.info.tokenizer.eos_token_id
         self.eos_filler = eos if eos in self.eos_ids else (min(self.eos_ids) if self.eos_ids else None)
         self.id = new_id("cmpl")
         self.created = int(time.time())

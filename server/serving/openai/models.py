@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-
-
 from laser_protocol.openai import ModelCard, ModelList
 from server.state import Services
 from server.serving.openai.common import OpenAIApiError, STARTED, max_positions
 
 
 def list_models(services: Services) -> ModelList:
-    root = services.loaded.model_id
+    root = services.engine.info.model_id
     limit = max_positions(services)
     cards = [ModelCard(id="base", created=STARTED, root=root, max_model_len=limit)]
     cards += [ModelCard(id=p.name, created=int(p.created_at), root=root, parent="base", max_model_len=limit,
