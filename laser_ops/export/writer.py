@@ -1,32 +1,5 @@
-"""Export an edit profile as a folder that plain ``transformers`` loads, with or without laser-serve.
-
-Two forms:
-
-* :func:`export_dense` writes the edited model as a standard Hugging Face folder (safetensors,
-  config, generation config, tokenizer). ``AutoModelForCausalLM.from_pretrained(folder)`` gives
-  the same logits as the profile served live.
-* :func:`export_factored` stores every low-rank edited matrix as its two rank-k factors
-  ``A = U_k * S_k`` (m x k) and ``B = Vh_k`` (k x n) in ``laser_factors.safetensors``, the rest of
-  the weights in ``model.safetensors`` (factored matrices omitted there), and writes a small
-  self-contained ``laser_loader.py`` (torch, safetensors, transformers only) whose
-  ``load(folder)`` rebuilds the dense weights. Factors are always of the logical (out x in)
-  matrix; for GPT-2 ``Conv1D`` (stored in x out) the loader writes the transposed product.
-
-Both write ``laser_profile.json`` beside the weights: the profile (interventions JSON), the base
-model fingerprint, the laser-serve version and per-matrix figures (the :class:`ExportReport`).
-
-An export has two phases. :func:`snapshot_dense` / :func:`snapshot_factored` run on the swapper's
-owner thread (the server's engine thread, see :mod:`laser_ops.swap`): they build the edited tensors
-(``swapper.materialize``: nothing is written into the model) and the factors, and reference the
-unedited parameters. :func:`write_export` then writes the files from any thread, so a server holds
-its model thread for the snapshot only; the caller keeps the base weights unchanged until the write
-ends (the server holds back weight-writing tasks meanwhile). :func:`export_dense` and
-:func:`export_factored` do both in one call.
-
-Files are written into a temporary sibling folder and moved into place at the end, so a failed
-export leaves no half-written folder behind. A non-empty target folder is refused unless
-``overwrite=True``.
-"""
+"""Snapshots of an edited profile (on the swapper's owner thread) and the folders written from them (any thread).
+See :mod:`laser_ops.export` for the two forms and the two phases."""
 
 from __future__ import annotations
 
@@ -38,9 +11,9 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import transformers
@@ -52,75 +25,21 @@ from laser_ops.interventions import InterventionSpec, MatrixEdit, edit_kind, par
 from laser_ops.svd import Decomposition
 from laser_ops.swap import ProfileLike, WeightSwapper, profile_signature
 from laser_ops.targets import TargetRef, read_matrix
+from laser_ops.export.laser_loader import FACTORS_FILE
+from laser_ops.export.report import ExportMode, ExportReport, MatrixRow
 
 logger = logging.getLogger(__name__)
 
 PROFILE_FILE = "laser_profile.json"
-FACTORS_FILE = "laser_factors.safetensors"
 LOADER_FILE = "laser_loader.py"
 FORMAT = "laser-serve-export"
 FORMAT_VERSION = 1
 FACTORABLE_KINDS: tuple[str, ...] = ("laser", "laser_mp")
 """Edit kinds whose result is exactly a rank-k product of the cached SVD factors."""
 
-ExportMode = Literal["dense", "factored"]
-
-
-# --- report ------------------------------------------------------------------------------------
-
-
-@dataclass
-class MatrixRow:
-    """One edited logical matrix: how it is stored and what that costs.
-
-    ``dense_bytes`` is the matrix at the model's dtype; ``stored_bytes`` what this export spends
-    on it (the two factors when ``stored == "factored"``, else the dense bytes).
-    """
-
-    param_name: str
-    type: str
-    layer: int
-    kind: str
-    shape: tuple[int, int]
-    k: int | None
-    stored: Literal["dense", "factored"]
-    dense_bytes: int
-    stored_bytes: int
-    saved_bytes: int
-    note: str | None = None
-
-
-@dataclass
-class ExportReport:
-    """What an export wrote. JSON-serialisable with :meth:`to_dict` / :meth:`to_json`.
-
-    ``dense_bytes``: the edited matrices at the model's dtype; ``factored_bytes``: what this export
-    spends on those same matrices; ``saved_bytes = dense_bytes - factored_bytes`` (0 for dense
-    exports). ``bytes`` is the size of every file written; ``files`` maps each relative file name
-    to its size.
-    """
-
-    path: str
-    mode: ExportMode
-    files: dict[str, int]
-    bytes: int
-    dense_bytes: int
-    factored_bytes: int
-    saved_bytes: int
-    rows: list[MatrixRow] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    profile_signature: str = ""
-    fingerprint: str = ""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for row in d["rows"]:
-            row["shape"] = list(row["shape"])
-        return d
-
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+#: Source of the ``laser_loader.py`` written into factored exports (a real module of this package, so it is
+#: linted and tested like the rest; it needs only torch, safetensors and transformers).
+LOADER_SOURCE = (Path(__file__).with_name(LOADER_FILE)).read_text(encoding="utf-8")
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -426,77 +345,3 @@ def _finish(tmp: Path, out: Path, snapshot: ExportSnapshot, metadata: Mapping[st
     report.files = files
     report.bytes = sum(files.values())
     return report
-
-
-# --- the loader written into factored exports ----------------------------------------------------
-
-LOADER_SOURCE = '''"""Load a laser-serve factored export: plain transformers plus rank-k factors.
-
-Self-contained: needs only torch, safetensors and transformers (not laser-serve).
-
-    import importlib.util, os
-    spec = importlib.util.spec_from_file_location("laser_loader", os.path.join(folder, "laser_loader.py"))
-    laser_loader = importlib.util.module_from_spec(spec); spec.loader.exec_module(laser_loader)
-    model = laser_loader.load(folder)            # extra keyword arguments go to from_pretrained
-
-``model.safetensors`` holds every weight except the factored matrices; ``laser_factors.safetensors``
-holds, per edited matrix, A = U_k * S_k (m x k) and B = Vh_k (k x n) of the logical (out x in)
-matrix. ``load`` builds the model from the folder, then writes A @ B into each factored parameter
-(transposed where the parameter is stored in x out, as GPT-2 Conv1D does; into every name of a
-tied parameter).
-"""
-
-from __future__ import annotations
-
-import json
-import os
-from typing import Any
-
-import torch
-import transformers
-from safetensors import safe_open
-
-FACTORS_FILE = "laser_factors.safetensors"
-
-
-def factors(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """The factored matrices listed in the folder (names, shapes, ranks, orientation)."""
-    with safe_open(os.path.join(folder, FACTORS_FILE), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("laser_factors", "[]"))
-
-
-def _model_class(config: Any) -> Any:
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
-
-
-def dense_weight(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The stored weight of one factored matrix: A @ B, or its transpose for in x out storage."""
-    w = a.to(torch.float32) @ b.to(torch.float32)
-    return w.t() if transposed else w
-
-
-def load(folder: str | os.PathLike, **from_pretrained_kwargs: Any) -> torch.nn.Module:
-    """The edited model, in eval mode, with every factored matrix rebuilt dense."""
-    folder = os.fspath(folder)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the factored matrices are "missing" on purpose
-    try:
-        model = _model_class(config).from_pretrained(folder, **from_pretrained_kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with safe_open(os.path.join(folder, FACTORS_FILE), framework="pt") as f, torch.no_grad():
-        for entry in json.loads((f.metadata() or {}).get("laser_factors", "[]")):
-            w = dense_weight(f.get_tensor(entry["a"]), f.get_tensor(entry["b"]), entry["transposed"])
-            for name in entry["params"]:
-                p = params[name]
-                if tuple(p.shape) != tuple(w.shape):
-                    raise ValueError(f"{name}: factors give {tuple(w.shape)}, the model has {tuple(p.shape)}")
-                p.copy_(w.to(device=p.device, dtype=p.dtype))
-    return model.eval()
-'''
