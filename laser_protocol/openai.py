@@ -1,5 +1,5 @@
-"""Protocol models of the OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions,
-/tokenize, /detokenize, /tokenizer_info).
+"""Protocol models of the OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions); the
+tokenizer routes' models are in :mod:`laser_protocol.tokenize`.
 
 Requests ignore fields they do not know (OpenAI clients send many); fields they know but cannot honour
 (``suffix``, penalties, ``logit_bias``, ``best_of`` != ``n``, tools, non-text content) are refused with a
@@ -14,10 +14,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from laser_protocol.validation import REQUEST_CONFIG
-from laser_protocol.validation import Int, IntRange, JsonValue, Text, one_of_groups
+from laser_protocol.validation import (
+    Int,
+    IntRange,
+    JsonValue,
+    Text,
+)
 
 #: OpenAI requests carry many fields laser-serve does not use: unknown ones are ignored, known ones are strict.
-_OPENAI_REQUEST = ConfigDict(**{**REQUEST_CONFIG, "extra": "ignore"})
+OPENAI_REQUEST = ConfigDict(**{**REQUEST_CONFIG, "extra": "ignore"})
 
 #: Most alternatives per position a request may ask for (vLLM's default cap; OpenAI allows 5 / 20).
 MAX_LOGPROBS = 20
@@ -65,7 +70,7 @@ class ModelList(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = _OPENAI_REQUEST
+    model_config = OPENAI_REQUEST
     include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices) before [DONE].")
 
 
@@ -94,7 +99,7 @@ def _only(*values: Any) -> Any:
 class _SamplingBase(BaseModel):
     """Fields completions and chat share; unknown fields are ignored."""
 
-    model_config = ConfigDict(**_OPENAI_REQUEST, json_schema_extra=_STREAM_OPTIONS_RULE)
+    model_config = ConfigDict(**OPENAI_REQUEST, json_schema_extra=_STREAM_OPTIONS_RULE)
 
     model: Text | None = Field(None, min_length=1, description=(
         "'base' or a profile name (see GET /v1/models); unset or null: the server's default profile. The base "
@@ -224,17 +229,16 @@ class CompletionResponse(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = _OPENAI_REQUEST
+    model_config = OPENAI_REQUEST
     type: Literal["text"] = Field(..., description="Part type; only 'text' is supported.")
     text: Text = Field(..., description="The text.")
-
 
 
 ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class ChatMessage(BaseModel):
-    model_config = _OPENAI_REQUEST
+    model_config = OPENAI_REQUEST
     role: ChatRole = Field(..., description="system, developer (OpenAI's newer name for system), user, assistant "
                                             "or tool.")
     content: Text | list[TextPart] | None = Field(None, description="Text, or text parts (joined); null counts "
@@ -379,59 +383,3 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = Field(None, description=(
         "Hash of the interventions of the profile that computes the answer (also in the X-Laser-Profile "
         "header), on every chunk."))
-
-
-# --------------------------------------------------------------------------------------------- tokenizer
-
-
-class TokenizeRequest(BaseModel):
-    """POST /tokenize (vLLM's shape; lm-eval's remote tokenizer sends {prompt, add_special_tokens: false})."""
-
-    model_config = ConfigDict(**_OPENAI_REQUEST, json_schema_extra=one_of_groups({"prompt": "string"},
-                                                                                {"messages": "array"}))
-    model: Text | None = Field(None, min_length=1, description="Optional; every profile shares the tokenizer.")
-    prompt: Text | None = Field(None, description="Text to tokenize (give exactly one of prompt or messages).")
-    messages: list[ChatMessage] | None = Field(None, min_length=1, description=(
-        "Chat to render with the template, then tokenize."))
-    add_special_tokens: bool = Field(True, description="Prepend the BOS the tokenizer adds by default (as "
-                                                       "/v1/completions does for text prompts).")
-    add_generation_prompt: bool = Field(True, description="With messages: end with the assistant header.")
-    return_token_strs: bool = Field(False, description="Also return each token's text.")
-
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
-        return self
-
-
-class TokenizeResponse(BaseModel):
-    count: int = Field(..., description="Number of tokens.")
-    max_model_len: int | None = Field(..., description="Model positions (prompt + completion); null if unknown.")
-    tokens: list[int] = Field(..., description="Token ids.")
-    token_strs: list[str] | None = Field(None, description="Each token's text, with return_token_strs; "
-                                                           "otherwise null.")
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = _OPENAI_REQUEST
-    model: Text | None = Field(None, min_length=1, description="Optional (checked to exist); every profile shares "
-                                                               "the tokenizer.")
-    tokens: list[Int] = Field(..., description="Token ids to decode, each inside the vocabulary.")
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str = Field(..., description="The decoded text (special tokens kept).")
-
-
-class TokenizerInfo(BaseModel):
-    tokenizer_class: str = Field(..., description="Class name of the transformers tokenizer.")
-    bos_token: str | None = Field(..., description="Beginning-of-sequence token text; null if none.")
-    eos_token: str | None = Field(..., description="End-of-sequence token text; null if none.")
-    pad_token: str | None = Field(..., description="Padding token text; null if none.")
-    unk_token: str | None = Field(..., description="Unknown-token text; null if none.")
-    chat_template: str | None = Field(None, description="Jinja chat template used by /v1/chat/completions.")
-    model_max_length: int | None = Field(None, description="Model positions (prompt + completion).")
-    vocab_size: int = Field(..., description="Tokens the tokenizer knows, added tokens "
-                                             "included.")
-    add_bos_token: bool = Field(..., description="Whether text prompts get a BOS prepended.")

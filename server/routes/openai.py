@@ -28,11 +28,13 @@ from laser_protocol.openai import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+)
+from laser_protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
@@ -133,7 +135,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds.",
           "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
 }
-
 
 
 def _sse_schema(model: type[BaseModel]) -> dict[str, Any]:

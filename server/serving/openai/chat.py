@@ -25,7 +25,6 @@ from laser_protocol.openai import (
 from server.serving.common import check_new_tokens, check_prompt_chars, check_prompt_tokens, profile_ready
 from server.state import Services
 from server.serving.openai.common import (
-    render_chat,
     CONTEXT_TOKENS,
     OpenAIApiError,
     check_batch,
@@ -35,6 +34,7 @@ from server.serving.openai.common import (
     merge_streams,
     new_id,
     openai_finish,
+    render_chat,
     resolve_model,
     sse_error,
     token_text,

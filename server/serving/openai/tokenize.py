@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 from fastapi import Request
 
-from laser_protocol.openai import (
+from laser_protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeRequest,
@@ -15,9 +14,9 @@ from laser_protocol.openai import (
 from server.serving.common import check_prompt_chars, check_prompt_tokens
 from server.state import Services
 from server.serving.openai.common import (
-    render_chat,
     OpenAIApiError,
     max_positions,
+    render_chat,
     resolve_model,
     token_text,
     vocab_size,
@@ -40,9 +39,9 @@ def tokenize(services: Services, request: Request, body: TokenizeRequest) -> Tok
         return _tokenized(services, ids, body.return_token_strs)
     check_prompt_chars(services, body.prompt or "", ("body", "prompt"))
     if body.add_special_tokens:
-        ids = services.scorer.encode(body.prompt or "")
+        ids = services.engine.info.encode(body.prompt or "")
     elif body.prompt:
-        ids = list(services.loaded.tokenizer(body.prompt, add_special_tokens=False).input_ids)
+        ids = list(services.engine.info.tokenizer(body.prompt, add_special_tokens=False).input_ids)
     else:
         ids = []
     check_prompt_tokens(services, len(ids), ("body", "prompt"))
@@ -63,13 +62,13 @@ def detokenize(services: Services, request: Request, body: DetokenizeRequest) ->
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise OpenAIApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", ("body", "tokens"))
-    return DetokenizeResponse(prompt=services.scorer.decode(body.tokens))
+    return DetokenizeResponse(prompt=services.engine.info.decode(body.tokens))
 
 
 def tokenizer_info(services: Services) -> TokenizerInfo:
-    tok = services.loaded.tokenizer
+    tok = services.engine.info.tokenizer
     return TokenizerInfo(
         tokenizer_class=type(tok).__name__, bos_token=tok.bos_token, eos_token=tok.eos_token,
         pad_token=tok.pad_token, unk_token=tok.unk_token, chat_template=getattr(tok, "chat_template", None),
         model_max_length=max_positions(services), vocab_size=len(tok),
-        add_bos_token=bool(services.scorer.prefix_ids))
+        add_bos_token=bool(services.engine.info.prefix_ids))
