@@ -44,7 +44,8 @@ def _keepalive() -> ServerSentEvent:
 
 
 def event_stream(events: AsyncIterator[Event], *, headers: Mapping[str, str] | None = None,
-                 keepalive: bool = False) -> EventSourceResponse:
-    """The response for ``events``; ``keepalive`` adds a comment every :data:`KEEPALIVE_S` seconds."""
+                 keepalive_s: float | None = None) -> EventSourceResponse:
+    """The response for ``events``; with ``keepalive_s`` (long-lived streams: :data:`KEEPALIVE_S`) a
+    ``: keep-alive`` comment goes out every that many seconds, without it nothing but the events."""
     return EventSourceResponse(events, headers={"Cache-Control": "no-cache", **(headers or {})}, sep=_SEP,
-                               ping=KEEPALIVE_S if keepalive else 0, ping_message_factory=_keepalive)
+                               ping=keepalive_s or 0, ping_message_factory=_keepalive)

@@ -79,7 +79,7 @@ async def get_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
                              "content": {"text/event-stream": {"schema": sse_event(_EVENT_SCHEMA, done=False)}}}, **_NOT_FOUND})
 async def job_events(job_id: JobPath, services: ServicesDep) -> EventSourceResponse:
     """Server-Sent Events: 'progress' per finished step, then a 'state' event when the job ends."""
-    return sse.event_stream(await serving.events(services, job_id), keepalive=True)
+    return sse.event_stream(await serving.events(services, job_id), keepalive_s=sse.KEEPALIVE_S)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, dependencies=[AdminAuth],

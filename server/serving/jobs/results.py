@@ -4,7 +4,6 @@ and promotion of the winner to a profile."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from laser_ops.datasets import Dataset
@@ -25,9 +24,6 @@ from server.state import Services
 from server.store import RESERVED_PROFILES
 from server.serving.jobs.manager import job_config
 from server.serving.jobs.service import get_record, manager
-
-logger = logging.getLogger(__name__)
-
 
 def _shown(example: Any, prediction: int | str | None) -> str:
     if isinstance(prediction, int) and example.choices:

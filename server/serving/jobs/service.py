@@ -4,7 +4,6 @@ follow a job's events; plus the start-up and shutdown hooks that own the manager
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,9 +29,6 @@ from server.state import Services
 from server.store.jobs import JobRecord, JobStore
 from server.serving.jobs import views
 from server.serving.jobs.manager import JobManager
-
-logger = logging.getLogger(__name__)
-
 
 def manager(services: Services) -> JobManager:
     if services.jobs is None:
