@@ -2,7 +2,8 @@
 
 Expected failures raise :class:`OpenAIApiError` (an :class:`ApiError` with an OpenAI ``code``); the router
 turns every exception into OpenAI's error body. Streaming entry points validate everything first and only
-then return an async iterator of server-sent-event lines, so a bad request still gets a proper 4xx.
+then return an async iterator of server-sent events (framed by :mod:`server.sse`), so a bad request still
+gets a proper 4xx.
 
 Log-prob layout of /v1/completions (what lm-evaluation-harness's ``local-completions`` reads): with
 ``echo`` the lists cover the prompt tokens (first log-prob null) followed by every generated token,
