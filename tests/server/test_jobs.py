@@ -74,7 +74,7 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, dict]]:
 
 
 def manager(srv: LiveServer):
-    return srv.app.state.services.extras["jobs"]
+    return srv.app.state.services.jobs
 
 
 def hold_after(srv: LiveServer, n_steps: int, gate: threading.Event) -> None:
