@@ -41,7 +41,7 @@ postgres:
 	./.ci/postgres
 
 test: $(STAMP) browser postgres
-	LASER_CHROMIUM=$(CHROMIUM) LASER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	LASER_CHROMIUM=$(CHROMIUM) LASER_REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/swap.py

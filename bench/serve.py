@@ -210,8 +210,11 @@ def server_phases(args: argparse.Namespace, prompts: list[str], work: list[tuple
 
 
 def fmt(r: dict) -> str:
-    return (f"{r['tokens']:6d} tokens in {r['seconds']:7.2f} s = {r['tok_s']:7.1f} tok/s, TTFT p50 "
-            f"{r['ttft_p50']:.3f} s, latency p50 {r['latency_p50']:.2f} s")
+    text = (f"{r['tokens']:6d} tokens in {r['seconds']:7.2f} s = {r['tok_s']:7.1f} tok/s, TTFT p50 "
+            f"{r['ttft_p50']:.3f} s")
+    if r.get("latency_p50") is not None:  # the in-process runners do not time whole requests
+        text += f", latency p50 {r['latency_p50']:.2f} s"
+    return text
 
 
 # ------------------------------------------------------------------------------------------------- in-process
@@ -265,7 +268,7 @@ def static_batches(model, tokenizer, work: list[tuple[str, int]], batch: int, cl
                 waiting.append((*todo.popleft(), end))
     secs = time.perf_counter() - start
     return {"seconds": secs, "tokens": tokens, "tok_s": tokens / secs, "ttft_p50": median(ttfts),
-            "latency_p50": float("nan")}
+            "latency_p50": None}
 
 
 def hf_continuous(model, tokenizer, work: list[tuple[str, int]], in_flight: int) -> dict:
@@ -308,7 +311,7 @@ def hf_continuous(model, tokenizer, work: list[tuple[str, int]], in_flight: int)
     finally:
         manager.stop(block=True)
     return {"seconds": secs, "tokens": tokens, "tok_s": tokens / secs, "ttft_p50": median(ttfts),
-            "latency_p50": float("nan")}
+            "latency_p50": None}
 
 
 # ------------------------------------------------------------------------------------------------- main

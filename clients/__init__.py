@@ -2,10 +2,11 @@
 
     from clients import LaserClient, AsyncLaserClient, NotFoundError
 
-The client needs only httpx and pydantic; the CLI (``clients.cli``) adds typer and rich.
+The client needs httpx, httpx-sse, tenacity and the protocol models (pydantic, no torch); the CLI (``clients.cli``)
+adds typer and rich. ``pip install ./clients`` installs it alone (the ``laser-serve-client`` distribution).
 """
 
-from clients.client import AsyncLaserClient, LaserClient
+from clients.aio import AsyncLaserClient
 from clients.errors import (
     APIError,
     AuthenticationError,
@@ -24,6 +25,7 @@ from clients.errors import (
     StreamError,
     UnprocessableError,
 )
+from clients.sync import LaserClient
 
 __all__ = [
     "APIError", "AsyncLaserClient", "AuthenticationError", "BadRequestError", "ConflictError", "LaserClient",

@@ -21,19 +21,17 @@ from __future__ import annotations
 import json
 import logging
 import random
-import string
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from laser_ops.validation import MAX_JSON_DEPTH, InputError, Text, check_json_value, loads_strict
+from laser_protocol.datasets import DatasetKind, PromptFormat
+from laser_protocol.validation import MAX_JSON_DEPTH, InputError, Text, check_json_value, loads_strict
 
 logger = logging.getLogger(__name__)
-
-DatasetKind = Literal["multiple_choice", "generation"]
 
 #: BIG-bench's own defaults (bigbench/api/json_task.py) for keys a task file leaves out.
 BIGBENCH_DEFAULTS: dict[str, Any] = {
@@ -66,76 +64,6 @@ class DatasetError(ValueError):
         )
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         super().__init__(f"{source}: {len(errors)} bad row(s): {head}{more}")
-
-
-TEMPLATE_FIELDS = ("input", "choices")
-
-
-def check_template(template: str) -> None:
-    """ValueError unless ``template`` uses only the plain placeholders {input} (required) and {choices}.
-
-    ``str.format`` would also evaluate ``{input.attr}``, ``{input[0]}``, ``{input!r}`` and format specs such as
-    ``{choices:>50000000}`` (a few bytes that render to megabytes): all are refused, so rendering a stored
-    template can neither fail nor blow up.
-    """
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ValueError(f"template is not a valid template: {e} (write {{{{ and }}}} for literal braces)") from None
-    names = []
-    for _literal, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if name not in TEMPLATE_FIELDS:
-            raise ValueError(f"template placeholder {{{name}}} is not allowed: use only {{input}} and {{choices}} "
-                             "(no attribute or index access, no positional fields)")
-        if conversion is not None or spec:
-            raise ValueError(f"template placeholder {{{name}}} has a conversion or format spec "
-                             f"({'!' + conversion if conversion else ''}{':' + spec if spec else ''}); "
-                             f"write plain {{{name}}}")
-        names.append(name)
-    if "input" not in names:
-        raise ValueError("template must contain the placeholder {input}")
-
-
-class PromptFormat(BaseModel):
-    """How an example's input becomes a prompt (BIG-bench prefix semantics)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    task_prefix: Text = Field("", description="Text put before every prompt (e.g. the task instructions).")
-    example_input_prefix: Text = Field("", description="Text put before the example's input (ignored with "
-                                                       "template).")
-    example_output_prefix: Text = Field(" ", description="Text put after the input, just before the answer "
-                                                         "(ignored with template).")
-    choice_prefix: Text = Field("\n  choice: ", description="Text put before each choice where the choices are "
-                                                            "listed (append_choices_to_input, or {choices} in "
-                                                            "template).")
-    append_choices_to_input: bool = Field(False, description="Append the choices, each after choice_prefix, to "
-                                                             "the input (with a template lacking {choices}: after "
-                                                             "the rendered template).")
-    template: Text | None = Field(None, description=(
-        "Optional template with the placeholder {input} (and optionally {choices}); replaces the input/output "
-        "prefixes. Only these two plain placeholders are allowed (no attribute or index access, conversion or "
-        "format spec); write {{ and }} for literal braces."))
-
-    @field_validator("template")
-    @classmethod
-    def _check_template(cls, v: str | None) -> str | None:
-        if v is not None:
-            check_template(v)
-        return v
-
-    def render(self, text: str, choices: Sequence[str] = ()) -> str:
-        listed = self.choice_prefix + self.choice_prefix.join(choices) if choices else ""
-        if self.template is not None:
-            body = self.template.format(input=text, choices=listed)
-            if self.append_choices_to_input and "{choices}" not in self.template:
-                body += listed
-            return self.task_prefix + body
-        if self.append_choices_to_input:
-            text = text + listed
-        return self.task_prefix + self.example_input_prefix + text + self.example_output_prefix
 
 
 class Example(BaseModel):

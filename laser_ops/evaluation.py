@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from scipy.stats import binomtest, norm
+from scipy.stats import binomtest
 
 from laser_ops.datasets import Dataset, Example
 from laser_ops.scoring import ChoicePrediction, GenerationRequest, Scorer
@@ -288,7 +288,8 @@ def _require_kind(dataset: Dataset, kind: str) -> None:
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; (0, 1) when there is no data.
+    """Wilson score interval for a binomial proportion (scipy's ``binomtest(...).proportion_ci``); (0, 1) when there
+    is no data.
 
     Preferred over the normal interval because it stays inside [0, 1] and behaves near 0 and 1.
     """
@@ -296,12 +297,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
         raise ValueError(f"need 0 <= successes <= n, got {successes}/{n}")
     if n == 0:
         return 0.0, 1.0
-    z = float(norm.ppf(1 - (1 - confidence) / 2))
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 @dataclass(frozen=True)

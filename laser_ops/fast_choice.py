@@ -31,6 +31,9 @@ via ``scorer.encode_pair``, same truncation, ties to the lowest index), much che
 Work is cut into chunks of one batch of rows (:meth:`FastChoiceEvaluator.iter_group`): each chunk sets
 the weights it needs in a scope and restores them, so a server may run other work between chunks.
 Must run on the thread that owns the model (see :class:`~laser_ops.swap.WeightSwapper`).
+
+Over 400 lines because it is one evaluator: the recording hooks, the state cache and the replicated group pass
+share one packed batch and the recorded layer arguments, which a split would have to expose.
 """
 
 from __future__ import annotations

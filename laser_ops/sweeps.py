@@ -32,6 +32,10 @@ executor scores in one replicated pass; a server runs each step on its model-own
 (``step.run(swapper, scorer) -> [SweepRow]``, or chunk by chunk through ``step.work``), records the
 rows, persists them, and can later resume: rows passed back in are not recomputed (their keys are
 ``done``). Budgets (``max_configs``, ``time_limit_s``) and the cancellation check apply between steps.
+
+Over 400 lines because :class:`SweepRunner` is one state machine (plan, record, resume, select, report) whose
+bookkeeping the four strategies share; its data models live in :mod:`laser_ops.sweep_models`, the execution of
+its steps in :mod:`laser_ops.sweep_steps`.
 """
 
 from __future__ import annotations

@@ -19,14 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from laser_protocol.interventions import GROUPS, TYPES
+
 logger = logging.getLogger(__name__)
 
-TYPES: tuple[str, ...] = ("fc_in", "fc_up", "fc_out", "q_proj", "k_proj", "v_proj", "out_proj")
-GROUPS: dict[str, tuple[str, ...]] = {
-    "mlp": ("fc_in", "fc_up", "fc_out"),
-    "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
-    "all": TYPES,
-}
 
 
 class TargetError(ValueError):

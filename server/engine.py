@@ -26,6 +26,10 @@ between steps and must leave the base weights live (the engine restores them if 
 Every answer carries a :class:`ProfileStamp`: the profile name and a hash of the interventions that
 computed it, resolved when the request was submitted (a profile updated meanwhile does not change it).
 State a caller may read (metrics, ``active_profile``, counters) is updated before any future resolves.
+
+Over 400 lines because the owner loop, admission, task turns and publication share one lock-guarded state (inbox,
+running jobs, compiled profiles) and one ordering contract; its pieces that stand alone already live in
+:mod:`laser_ops.batching` and :mod:`server.model_info`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from laser_ops.scoring import (
 from laser_ops.swap import WeightSwapper, profile_signature
 
 from server.metrics import Metrics
+from server.model_info import ModelIdentity, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +181,13 @@ class Engine:
         profile_cache_bytes: int = 1 << 30,
         background_grace_s: float = 0.05,
         background_max_wait_s: float = 10.0,
+        identity: ModelIdentity | None = None,
     ) -> None:
         self.swapper = swapper
         self.scorer = scorer
+        #: What the rest of the server may know about the model (identity, tokenization, targets); the
+        #: weights themselves are only touched here.
+        self.info = ModelInfo(identity, scorer, swapper.targets)
         self.resolve_profile = resolve_profile
         self.metrics = metrics
         self.max_queue = max_queue

@@ -1,6 +1,6 @@
 """Exception -> HTTP mapping. Expected failures get a clear 4xx naming the field; nothing leaks a traceback.
 
-Every native error answers :class:`~server.protocol.errors.ErrorBody` (``{"detail": [{"loc", "msg", "type"}]}``).
+Every native error answers :class:`~laser_protocol.errors.ErrorBody` (``{"detail": [{"loc", "msg", "type"}]}``).
 Validation errors never echo what JSON cannot carry back (NaN, infinities, lone surrogates, exception objects),
 so refusing a bad value can never itself fail.
 """
@@ -22,7 +22,7 @@ from starlette.routing import Match
 from laser_ops.interventions import InterventionError
 from server.engine import EngineOverloaded, EngineStopped, RequestCancelled, UnknownProfile
 from server.store.database import StoreUnavailableError
-from server.protocol.errors import ERROR_TYPES
+from laser_protocol.errors import ERROR_TYPES
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ from server.errors import error_body, install_error_handlers
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.routes import datasets, exports, inference, jobs, openai, profiles, spectra, system, ui
-from server.serving import datasets as datasets_serving
-from server.serving import jobs as jobs_serving
+from server.serving.jobs import service as jobs_serving
 from server.serving import profiles as profiles_serving
 from server.state import build_services
 
@@ -173,7 +172,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.state.metrics = metrics
     app.state.services = None
     app.state.startup_error = None
-    app.state.startup_hooks = [profiles_serving.startup, datasets_serving.startup, jobs_serving.startup]
+    app.state.startup_hooks = [profiles_serving.startup, jobs_serving.startup]
     app.state.shutdown_hooks = [profiles_serving.shutdown, jobs_serving.shutdown]
     app.add_middleware(RequestMetricsMiddleware)
     if settings.cors_origins:

@@ -23,10 +23,10 @@ from fastapi.routing import APIRoute
 
 from server.config import Settings
 from server.deps import get_services
-from server.protocol.errors import ErrorBody
-from server.protocol.openai import ErrorResponse
+from laser_protocol.errors import ErrorBody
+from laser_protocol.openai import ErrorResponse
 from server.security import Scope, key_required, route_scope
-from server.serving.openai import vocab_size
+from server.serving.openai.common import vocab_size
 
 _SCHEMES = {
     "AdminKey": {"type": "http", "scheme": "bearer",

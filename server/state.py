@@ -1,40 +1,52 @@
-"""Long-lived objects, built once at start-up (vLLM's init_app_state)."""
+"""Long-lived objects, built once at start-up (vLLM's init_app_state): the typed application state."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from laser_ops.loading import LoadedModel, load_model
 from laser_ops.scoring import HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
-from laser_ops.targets import ArchSpec, FusedSlice, ModelDescription, ModelTargets, TypeSlot, register_architecture
+from laser_ops.targets import ArchSpec, FusedSlice, ModelTargets, TypeSlot, register_architecture
 
 from server.config import Settings
 from server.decompositions import Decomposer
 from server.engine import Engine
 from server.metrics import Metrics
+from server.model_info import ModelIdentity
 from server.store import Database, ProfileStore, SqlProfileBackend, open_database
+from server.store.datasets import DatasetStore
+
+if TYPE_CHECKING:
+    from server.serving.jobs.manager import JobManager
+    from server.serving.openai.common import TokenText
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Services:
+    """Everything a request may use. The model is not here: the engine holds it (``engine.info`` says what
+    the rest of the server may know about it), and every computation on it is submitted to the engine."""
+
     settings: Settings
-    loaded: LoadedModel
-    description: ModelDescription
-    swapper: WeightSwapper
-    scorer: HFScorer
     engine: Engine
     decomposer: Decomposer
     db: Database
     profiles: ProfileStore
+    datasets: DatasetStore
     metrics: Metrics
-    extras: dict[str, Any] = field(default_factory=dict)  # stores/runners added by other features
+    #: The sweep-job manager, started by the jobs start-up hook (None before it and in tools without jobs).
+    jobs: JobManager | None = None
+    #: Serialises export writes (one folder at a time; checks and writes must not interleave).
+    export_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Token strings of the OpenAI log-prob views, built on first use.
+    token_text: TokenText | None = None
 
     def close(self) -> None:
         self.decomposer.close()
@@ -83,11 +95,11 @@ def build_services(settings: Settings, metrics: Metrics, loaded: LoadedModel | N
         raise
     engine = Engine(swapper, scorer, profiles.specs, metrics, max_queue=settings.max_queue,
                     max_running=settings.max_running, max_batch_tokens=settings.max_batch_tokens,
-                    prefill_chunk=settings.prefill_chunk, profile_cache_bytes=settings.profile_cache_bytes)
+                    prefill_chunk=settings.prefill_chunk, profile_cache_bytes=settings.profile_cache_bytes,
+                    identity=ModelIdentity.of(loaded))
     engine.start()
     metrics.set_active("base", None)
     logger.info("ready: %s (fingerprint %s) with %d stored profiles in %s", loaded.model_id,
                 loaded.fingerprint[:16], len(profiles.list()), db.describe())
     decomposer = Decomposer(engine, svd_cache)
-    return Services(settings, loaded, targets.describe(), swapper, scorer, engine, decomposer, db, profiles,
-                    metrics)
+    return Services(settings, engine, decomposer, db, profiles, DatasetStore(db), metrics)

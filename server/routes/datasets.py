@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 
 from server.deps import ServicesDep
-from server.protocol.datasets import (
+from laser_protocol.datasets import (
     DATASET_NAME_PATTERN,
     DatasetCreate,
     DatasetDeleted,
@@ -20,7 +20,7 @@ from server.openapi import link
 from server.routing import ApiRoute
 from server.security import AdminAuth, InferenceAuth
 from server.serving import datasets as serving
-from server.serving import jobs as jobs_serving
+from server.serving.jobs import service as jobs_serving
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=ApiRoute)
 

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import FileResponse
 
 from server.deps import ServicesDep
-from server.protocol.exports import EXPORT_NAME_PATTERN, ExportCreate, ExportDeleted, ExportList, ExportPublic
-from server.protocol.profiles import PROFILE_NAME_PATTERN
+from laser_protocol.exports import EXPORT_NAME_PATTERN, ExportCreate, ExportDeleted, ExportList, ExportPublic
+from laser_protocol.profiles import PROFILE_NAME_PATTERN
 from server.openapi import link
 from server.routing import ApiRoute
 from server.security import AdminAuth

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from server.deps import ServicesDep
-from server.protocol.inference import (
+from laser_protocol.inference import (
     PROFILE_HEADER,
     CompareRequest,
     CompareResponse,
@@ -17,6 +17,7 @@ from server.protocol.inference import (
     ScoreResponse,
     StreamError,
 )
+from server import sse
 from server.openapi import sse_event
 from server.routing import ApiRoute
 from server.security import InferenceAuth
@@ -45,12 +46,11 @@ _STREAM = {"text/event-stream": {"schema": sse_event(_EVENT_SCHEMA, StreamError.
                    "'data: [DONE]'; a failure mid-stream sends 'data: {StreamError}' before [DONE].",
     "content": _STREAM}, **_ERRORS})
 async def generate(body: GenerateRequest, request: Request, response: Response,
-                   services: ServicesDep) -> GenerateResponse | StreamingResponse:
+                   services: ServicesDep) -> GenerateResponse | EventSourceResponse:
     """Generate from one or several prompts with a profile; stream=true answers Server-Sent Events."""
     if body.stream:
         events, stamp = await serving.generate_stream(services, request, body)
-        return StreamingResponse(events, media_type="text/event-stream", headers={
-            "Cache-Control": "no-cache", "X-Accel-Buffering": "no", PROFILE_HEADER: stamp})
+        return sse.event_stream(events, headers={PROFILE_HEADER: stamp})
     answer, response.headers[PROFILE_HEADER] = await serving.generate(services, request, body)
     return answer
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
+from server import sse
 from server.deps import ServicesDep
 from server.openapi import link, sse_event
-from server.protocol.jobs import (
+from laser_protocol.jobs import (
     ExampleFilter,
     ExamplePage,
     ExampleSplit,
@@ -21,10 +22,11 @@ from server.protocol.jobs import (
     PromoteRequest,
     SweepJobCreate,
 )
-from server.protocol.profiles import ProfilePublic
+from laser_protocol.profiles import ProfilePublic
 from server.routing import ApiRoute
 from server.security import AdminAuth, InferenceAuth
-from server.serving import jobs as serving
+from server.serving.jobs import results
+from server.serving.jobs import service as serving
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ApiRoute)
 
@@ -75,11 +77,9 @@ async def get_job(job_id: JobPath, services: ServicesDep) -> JobPublic:
                                             "change; the stream closes after the terminal state (': keep-alive' "
                                             "comments in between).",
                              "content": {"text/event-stream": {"schema": sse_event(_EVENT_SCHEMA, done=False)}}}, **_NOT_FOUND})
-async def job_events(job_id: JobPath, request: Request, services: ServicesDep) -> StreamingResponse:
+async def job_events(job_id: JobPath, services: ServicesDep) -> EventSourceResponse:
     """Server-Sent Events: 'progress' per finished step, then a 'state' event when the job ends."""
-    stream = await serving.events(services, job_id, request.is_disconnected)
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse.event_stream(await serving.events(services, job_id), keepalive_s=sse.KEEPALIVE_S)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, dependencies=[AdminAuth],
@@ -103,7 +103,7 @@ async def delete_job(job_id: JobPath, services: ServicesDep) -> JobDeleted:
                         **_NOT_FOUND})
 async def promote(job_id: JobPath, body: PromoteRequest, request: Request, services: ServicesDep) -> ProfilePublic:
     """Store the job's best config as a profile, servable at once."""
-    profile = await serving.promote(services, job_id, body)
+    profile = await results.promote(services, job_id, body)
     request.state.profile = profile.name
     return profile
 
@@ -123,7 +123,7 @@ async def job_examples(
     limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
 ) -> ExamplePage:
     """Per-example evidence of a config against base: prompt, gold, both answers, what it fixed and broke."""
-    return await serving.examples(services, job_id, config, split, filter, offset, limit)
+    return await results.examples(services, job_id, config, split, filter, offset, limit)
 
 
 @router.get("/{job_id}/plot.png", dependencies=[InferenceAuth], response_class=Response,
@@ -135,4 +135,4 @@ async def job_examples(
                        **_NOT_FOUND})
 async def plot(job_id: JobPath, services: ServicesDep) -> Response:
     """Heatmap of the change in validation accuracy versus base over layer x rho per type (the paper's Figure 2)."""
-    return Response(await serving.plot_png(services, job_id), media_type="image/png")
+    return Response(await results.plot_png(services, job_id), media_type="image/png")

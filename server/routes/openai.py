@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -22,26 +22,32 @@ from laser_ops.interventions import InterventionError
 from server.deps import ServicesDep
 from server.engine import EngineOverloaded, EngineStopped, RequestCancelled, UnknownProfile
 from server.errors import ApiError, printable
-from server.protocol.openai import (
+from laser_protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+)
+from laser_protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
 )
+from server import sse
 from server.openapi import sse_event
 from server.routing import ApiRoute
-from server.protocol.inference import PROFILE_HEADER
+from laser_protocol.inference import PROFILE_HEADER
 from server.security import InferenceAuth
-from server.serving import openai as serving
+from server.serving.openai import chat as chat_serving
+from server.serving.openai import completions as completions_serving
+from server.serving.openai import models as models_serving
+from server.serving.openai import tokenize as tokenize_serving
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +137,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-
 def _sse_schema(model: type[BaseModel]) -> dict[str, Any]:
     """``model``'s JSON schema for a text/event-stream response: models that are already OpenAPI components
     stay references; the others (stream-only models) are inlined."""
@@ -175,53 +180,52 @@ _CHAT_STREAM = {200: {
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, dependencies=[InferenceAuth], responses=_ERRORS)
 
 
-def _answer(answer: tuple[BaseModel | AsyncIterator[str], str], response: Response) -> Response | BaseModel:
+def _answer(answer: tuple[BaseModel | AsyncIterator[sse.Event], str], response: Response) -> Response | BaseModel:
     result, stamp = answer
     if isinstance(result, BaseModel):
         response.headers[PROFILE_HEADER] = stamp
         return result
-    return StreamingResponse(result, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", PROFILE_HEADER: stamp})
+    return sse.event_stream(result, headers={PROFILE_HEADER: stamp})
 
 
 @router.get("/v1/models", response_model=ModelList)
 def list_models(services: ServicesDep) -> ModelList:
     """List `base` and every profile (profiles have `parent: "base"`)."""
-    return serving.list_models(services)
+    return models_serving.list_models(services)
 
 
 @router.get("/v1/models/{model}", response_model=ModelCard)
 def get_model(model: str, services: ServicesDep) -> ModelCard:
     """One model card: `base` or a profile."""
-    return serving.get_model(services, model)
+    return models_serving.get_model(services, model)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_STREAM)
 async def completions(body: CompletionRequest, request: Request, response: Response, services: ServicesDep) -> Any:
     """Text completion with the profile named by `model`; echo + logprobs score prompts (lm-eval)."""
-    return _answer(await serving.create_completion(services, request, body), response)
+    return _answer(await completions_serving.create_completion(services, request, body), response)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_CHAT_STREAM)
 async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response,
                            services: ServicesDep) -> Any:
     """Chat completion through the model's chat template, with the profile named by `model`."""
-    return _answer(await serving.create_chat_completion(services, request, body), response)
+    return _answer(await chat_serving.create_chat_completion(services, request, body), response)
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfo)
 def tokenizer_info(services: ServicesDep) -> TokenizerInfo:
     """Special tokens, chat template and context length (lm-eval's remote tokenizer reads this)."""
-    return serving.tokenizer_info(services)
+    return tokenize_serving.tokenizer_info(services)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
 def tokenize(body: TokenizeRequest, request: Request, services: ServicesDep) -> TokenizeResponse:
     """Token ids of a text (as /v1/completions sees it) or of a chat (as /v1/chat/completions sees it)."""
-    return serving.tokenize(services, request, body)
+    return tokenize_serving.tokenize(services, request, body)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 def detokenize(body: DetokenizeRequest, request: Request, services: ServicesDep) -> DetokenizeResponse:
     """Text of token ids."""
-    return serving.detokenize(services, request, body)
+    return tokenize_serving.detokenize(services, request, body)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from server.deps import ServicesDep
-from server.protocol.profiles import (
+from laser_protocol.profiles import (
     PROFILE_NAME_PATTERN,
     ProfileCreate,
     ProfileDeleted,

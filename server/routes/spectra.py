@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query
 
 from laser_ops.targets import TYPES
 from server.deps import ServicesDep
-from server.protocol.spectra import MatrixSpectrum
+from laser_protocol.spectra import MatrixSpectrum
 from server.routing import ApiRoute
 from server.security import InferenceAuth
 from server.serving import spectra as serving

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import laser_ops
 from server.deps import ServicesDep
-from server.protocol.system import Health, Info, LaserTypeInfo, Readiness
+from laser_protocol.system import Health, Info, LaserTypeInfo, Readiness
 from server.routing import ApiRoute
 
 router = APIRouter(tags=["system"], route_class=ApiRoute)
@@ -32,13 +32,13 @@ async def ready(request: Request, response: Response) -> Readiness:
 @router.get("/info", response_model=Info)
 async def info(services: ServicesDep) -> Info:
     """The loaded model, its LASER targets (module names and shapes), dtype, device and version."""
-    d, lm = services.description, services.loaded
+    d, lm = services.engine.info.description, services.engine.info.identity
     return Info(
         model_id=lm.model_id, source=lm.source, fingerprint=lm.fingerprint, architecture=d.architecture,
         model_type=d.model_type, num_layers=d.num_layers,
         laser_types={t: LaserTypeInfo(module=v.module, shape=v.shape, fused=v.fused,
                                       stored_transposed=v.stored_transposed) for t, v in d.types.items()},
-        groups=d.groups, dtype=str(lm.dtype).removeprefix("torch."), device=str(lm.device),
+        groups=d.groups, dtype=lm.dtype, device=lm.device,
         version=laser_ops.__version__, active_profile=services.engine.active_profile,
         profiles=len(services.profiles.list()), default_profile=services.settings.default_profile,
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 from laser_ops.datasets import Dataset, DatasetError, PromptFormat, parse_bigbench, parse_jsonl
 from server.errors import ApiError
-from server.protocol.datasets import (
+from laser_protocol.datasets import (
     SAMPLE_SIZE,
     BadRow,
     DatasetCreate,
@@ -24,8 +24,6 @@ from server.protocol.datasets import (
 )
 from server.state import Services
 from server.store.datasets import DatasetExistsError, DatasetStore, StoredDataset
-
-EXTRAS_KEY = "datasets"
 
 
 class DatasetRejectedError(Exception):
@@ -45,15 +43,6 @@ class DatasetRejectedError(Exception):
 # ---------------------------------------------------------------------------------------------- logic
 
 
-def store(services: Services) -> DatasetStore:
-    return services.extras[EXTRAS_KEY]
-
-
-async def startup(app: Any, services: Services) -> None:
-    """Start-up hook: put the store in ``services.extras`` (the schema is migrated already)."""
-    services.extras[EXTRAS_KEY] = DatasetStore(services.db)
-
-
 def _summary(s: StoredDataset) -> DatasetSummary:
     return DatasetSummary(name=s.name, kind=s.kind, size=s.size, builtin=s.builtin, source=s.source,
                           description=s.description, created_at=s.created_at)
@@ -71,7 +60,7 @@ def _list(st: DatasetStore) -> DatasetList:
 
 
 async def list_datasets(services: Services) -> DatasetList:
-    return await services.db.run(_list, store(services))
+    return await services.db.run(_list, services.datasets)
 
 
 def known_names(st: DatasetStore) -> list[str]:
@@ -80,7 +69,7 @@ def known_names(st: DatasetStore) -> list[str]:
 
 
 async def get_dataset(services: Services, name: str) -> DatasetPublic:
-    st = store(services)
+    st = services.datasets
 
     def read() -> DatasetPublic:
         info = st.info(name)
@@ -122,7 +111,7 @@ def _with_template(fmt: PromptFormat, template: str) -> PromptFormat:
 
 
 async def create_dataset(services: Services, body: DatasetCreate) -> DatasetPublic:
-    st = store(services)
+    st = services.datasets
     if st.is_builtin(body.name):
         raise ApiError(409, f"dataset {body.name!r} is a built-in dataset; choose another name", ("body", "name"))
     if await services.db.run(st.info, body.name) is not None:
@@ -137,7 +126,7 @@ async def create_dataset(services: Services, body: DatasetCreate) -> DatasetPubl
 
 async def delete_dataset(services: Services, name: str, in_use: Callable[[str], list[str]]) -> DatasetDeleted:
     """Delete an upload; 409 for built-ins and while a queued or running job uses it."""
-    st = store(services)
+    st = services.datasets
     if st.is_builtin(name):
         raise ApiError(409, f"dataset {name!r} is built in and cannot be deleted", ("path", "name"))
 

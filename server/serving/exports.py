@@ -28,7 +28,7 @@ from laser_ops.export import PROFILE_FILE, ExportReport, ExportSnapshot, snapsho
 from laser_ops.interventions import InterventionError
 from laser_ops.targets import TargetError
 from server.errors import ApiError
-from server.protocol.exports import (
+from laser_protocol.exports import (
     ExportCreate,
     ExportDeleted,
     ExportFile,
@@ -44,18 +44,10 @@ logger = logging.getLogger(__name__)
 
 REPORTS_DIR = ".reports"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_LOCK_KEY = "exports_lock"
 
 
 def exports_root(services: Services) -> Path:
     return services.settings.data_dir / "exports"
-
-
-def _lock(services: Services) -> asyncio.Lock:
-    lock = services.extras.get(_LOCK_KEY)
-    if lock is None:
-        lock = services.extras[_LOCK_KEY] = asyncio.Lock()
-    return lock
 
 
 def _folder(services: Services, name: str) -> Path:
@@ -151,17 +143,17 @@ async def export_profile(services: Services, profile: str, body: ExportCreate) -
     name = body.name or f"{profile}-{body.mode}"
     root = exports_root(services)
     out = root / name
-    loaded = services.loaded
+    identity = services.engine.info.identity
     metadata = {"profile": profile, "description": description, "export_name": name,
-                "model_id": loaded.model_id}
+                "model_id": identity.model_id}
 
     def snapshot(swapper, _scorer) -> ExportSnapshot:  # engine thread: tensors only, no file I/O
         if body.mode == "dense":
-            return snapshot_dense(loaded.model, swapper, specs, fingerprint=loaded.fingerprint)
-        return snapshot_factored(loaded.model, swapper, specs, fingerprint=loaded.fingerprint,
+            return snapshot_dense(swapper.model, swapper, specs, fingerprint=identity.fingerprint)
+        return snapshot_factored(swapper.model, swapper, specs, fingerprint=identity.fingerprint,
                                  factor_dtype=_DTYPES[body.factor_dtype])
 
-    async with _lock(services):
+    async with services.export_lock:
         if out.is_symlink() or (out.exists() and not out.is_dir()):
             raise ApiError(409, f"export {name!r} exists and is not a folder", ("body", "name"))
         if out.exists() and not body.overwrite:  # answered at once, not after a turn on the engine
@@ -173,8 +165,8 @@ async def export_profile(services: Services, profile: str, body: ExportCreate) -
             # until the files are written; serving goes on meanwhile (it never writes weights).
             async with services.engine.weights_held():
                 snap = await services.engine.run_task(snapshot)
-                report = await asyncio.to_thread(write_export, snap, out, tokenizer=loaded.tokenizer,
-                                                 metadata=metadata, overwrite=body.overwrite)
+                report = await asyncio.to_thread(write_export, snap, out, metadata=metadata,
+                                                 tokenizer=services.engine.info.tokenizer, overwrite=body.overwrite)
         except FileExistsError:
             raise ApiError(409, f"export {name!r} already exists; pass overwrite=true to replace it",
                            ("body", "name")) from None
@@ -219,7 +211,7 @@ def file_path(services: Services, name: str, file: str) -> Path:
 
 
 async def delete_export(services: Services, name: str) -> ExportDeleted:
-    async with _lock(services):
+    async with services.export_lock:
         folder = _folder(services, name)
         await asyncio.to_thread(shutil.rmtree, folder)
         _manifest_path(services, name).unlink(missing_ok=True)

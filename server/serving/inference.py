@@ -7,17 +7,17 @@ and shapes answers. Expected failures raise :class:`ApiError` naming the field.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any, TypeVar
 
 from fastapi import Request
 
-from laser_ops.scoring import GenerationResult, LoglikelihoodResult, RollingResult
+from laser_ops.scoring import GenerationRequest, GenerationResult, LoglikelihoodResult, RollingResult
+from server import sse
 from server.engine import ProfileStamp, Served
 from server.errors import ApiError
-from server.protocol.inference import (
+from laser_protocol.inference import (
     DEFAULT_MAX_NEW_TOKENS,
     CompareDiff,
     CompareRequest,
@@ -54,13 +54,13 @@ Loc = tuple[str | int, ...]
 def _encode(services: Services, text: str, loc: Loc) -> list[int]:
     """Token ids of a prompt, refusing oversize prompts (cheap length check first, then the real count)."""
     check_prompt_chars(services, text, loc)
-    ids = services.scorer.encode(text)
+    ids = services.engine.info.encode(text)
     check_prompt_tokens(services, len(ids), loc)
     return ids
 
 
 def _check_positions(services: Services, n_prompt: int, max_new: int, loc: Loc) -> None:
-    limit = services.scorer.max_positions
+    limit = services.engine.info.max_positions
     if limit is not None and n_prompt + max_new > limit:
         raise ApiError(422, f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                             f"{limit} positions", loc)
@@ -84,7 +84,9 @@ def _generation_requests(services: Services, params: GenerateParams, loc: Loc) -
         where = (*loc, field) if field == "prompt" else (*loc, field, i)
         ids = _encode(services, text, where)
         _check_positions(services, len(ids), max_new, where)
-        requests.append(params.to_generation_request(ids, max_new))
+        requests.append(GenerationRequest(prompt_ids=ids, max_new_tokens=max_new, temperature=params.temperature,
+                                          top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                                          stop=list(params.stop or [])))
     return requests
 
 
@@ -116,13 +118,8 @@ async def generate(services: Services, request: Request, body: GenerateRequest) 
     return response, stamp_header(response.profile, response.profile_hash)
 
 
-def _sse(payload: Any) -> str:
-    data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
 async def generate_stream(services: Services, request: Request, body: GenerateRequest
-                          ) -> tuple[AsyncIterator[str], str]:
+                          ) -> tuple[AsyncIterator[sse.Event], str]:
     """Validate now (errors keep their 4xx status), then return the SSE events and the
     ``X-Laser-Profile`` header value (the profile is resolved before the first token).
 
@@ -138,23 +135,25 @@ async def generate_stream(services: Services, request: Request, body: GenerateRe
     stamp = resolved.stamp
     stream = services.engine.generate_stream(resolved, req)
 
-    async def events() -> AsyncIterator[str]:
-        event = lambda **kw: GenerateStreamEvent(profile=stamp.name, profile_hash=stamp.hash, **kw)  # noqa: E731
-        yield _sse(event())
+    def event(**kw: Any) -> str:
+        return sse.data(GenerateStreamEvent(profile=stamp.name, profile_hash=stamp.hash, **kw), exclude_none=True)
+
+    async def events() -> AsyncIterator[sse.Event]:
+        yield event()
         try:
             async with aclosing(stream):
                 async for item in stream:
                     if isinstance(item, str):
-                        yield _sse(event(text=item))
+                        yield event(text=item)
                     elif isinstance(item, GenerationResult):
-                        yield _sse(event(finish_reason=item.finish_reason, usage=_usage([item])))
+                        yield event(finish_reason=item.finish_reason, usage=_usage([item]))
         except ApiError as e:
-            yield _sse(StreamError(error=e.message))
+            yield sse.data(StreamError(error=e.message), exclude_none=True)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
-            yield _sse(StreamError(error=f"{type(e).__name__}: {e}"))
-        yield "data: [DONE]\n\n"
+            yield sse.data(StreamError(error=f"{type(e).__name__}: {e}"), exclude_none=True)
+        yield sse.DONE
 
     return events(), stamp.header
 
@@ -173,10 +172,10 @@ def _continuation_scores(params: ScoreParams, results: list[LoglikelihoodResult]
 
 async def _run_score(services: Services, profile: str, params: ScoreParams, loc: Loc,
                      is_disconnected: Disconnected) -> ScoreResponse:
-    engine, scorer = services.engine, services.scorer
+    engine, text = services.engine, services.engine.info
     if params.text is not None:
         check_prompt_chars(services, params.text, (*loc, "text"), "text")
-        check_prompt_tokens(services, len(scorer.encode(params.text)), (*loc, "text"))
+        check_prompt_tokens(services, len(text.encode(params.text)), (*loc, "text"))
         served = await engine.rolling(profile, [params.text], is_disconnected=is_disconnected)
         [rolled] = served.value
         assert isinstance(rolled, RollingResult)
@@ -187,7 +186,7 @@ async def _run_score(services: Services, profile: str, params: ScoreParams, loc:
     _encode(services, context, (*loc, "context"))  # size checks before the pairs are built
     pairs = []
     for i, cont in enumerate(params.continuations or []):
-        ctx_ids, cont_ids = scorer.encode_pair(context, cont)
+        ctx_ids, cont_ids = text.encode_pair(context, cont)
         check_prompt_tokens(services, len(ctx_ids) + len(cont_ids), (*loc, "continuations", i))
         pairs.append((ctx_ids, cont_ids))
     served = await engine.loglikelihood(profile, pairs, is_disconnected=is_disconnected)

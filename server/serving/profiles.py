@@ -16,7 +16,7 @@ from laser_ops.interventions import InterventionError, InterventionSpec
 from laser_ops.swap import EditReport
 from laser_ops.targets import TargetError
 from server.errors import ApiError
-from server.protocol.profiles import (
+from laser_protocol.profiles import (
     MatrixEditReport,
     ProfileBase,
     ProfileDeleted,
@@ -38,7 +38,7 @@ def _reserved(name: str, action: str) -> ApiError:
 def plan(services: Services, specs: list[InterventionSpec]) -> int:
     """Validate ``specs`` against the loaded model; the number of matrices they edit. 422 naming the field."""
     try:
-        return len(services.swapper.plan(specs))
+        return len(services.engine.info.plan(specs))
     except (InterventionError, TargetError) as e:
         loc = e.loc if isinstance(e, InterventionError) else (getattr(e, "field", "target"),)
         raise ApiError(422, str(e), ("body", "interventions", *loc)) from None
@@ -46,7 +46,7 @@ def plan(services: Services, specs: list[InterventionSpec]) -> int:
 
 def _public(services: Services, p: StoredProfile) -> ProfilePublic:
     try:
-        matrices = len(services.swapper.plan(p.interventions))
+        matrices = len(services.engine.info.plan(p.interventions))
     except (InterventionError, TargetError):  # stored before an architecture change: still listable
         matrices = 0
     return ProfilePublic(name=p.name, description=p.description, interventions=p.interventions,

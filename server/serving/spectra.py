@@ -9,13 +9,13 @@ from laser_ops.spectral import SpectrumReport
 from laser_ops.swap import WeightSwapper
 from laser_ops.targets import TargetError
 from server.errors import ApiError
-from server.protocol.spectra import MatrixSpectrum
+from laser_protocol.spectra import MatrixSpectrum
 from server.state import Services
 
 
 async def spectrum(services: Services, type_: str, layer: int, k: int | None) -> MatrixSpectrum:
     """Singular values and diagnostics; 422 naming the path or query field that does not fit the model."""
-    targets = services.swapper.targets
+    targets = services.engine.info.targets
     try:
         ref = targets.ref(type_, layer)
     except TargetError as e:

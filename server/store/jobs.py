@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from laser_ops.sweeps import SweepRow
-from server.protocol.jobs import TERMINAL_STATES
+from laser_protocol.jobs import TERMINAL_STATES
 from server.store.database import Connection, Database
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")

@@ -4,7 +4,6 @@ behaviour on a mock transport."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,11 @@ from clients import (
     StreamError,
     UnprocessableError,
 )
-from clients import models as m
+from laser_protocol.datasets import DatasetPublic
+from laser_protocol.inference import GenerateResponse
+from laser_protocol.jobs import JobProgress, JobPublic
+from laser_protocol.profiles import ProfilePublic
+from laser_protocol.system import Info
 from tests.server.conftest import LiveServer, free_port, start_server, tiny_loaded
 
 EDIT = [{"kind": "laser", "target": "fc_in", "layer": -1, "rank_fraction": 0.25}]
@@ -50,19 +53,11 @@ def c(srv: LiveServer) -> Iterator[LaserClient]:
         yield client
 
 
-def test_models_mirror_every_server_field() -> None:
-    for mine, theirs in m.MIRRORS.items():
-        module, name = theirs.split(":")
-        server_model = getattr(importlib.import_module(f"server.protocol.{module}"), name)
-        missing = set(server_model.model_fields) - set(mine.model_fields)
-        assert not missing, f"{mine.__name__} lacks {missing} of {theirs}"
-
-
 def test_system_and_models(c: LaserClient) -> None:
     assert c.health().status == "ok"
     assert c.ready().ready is True
     info = c.info()
-    assert isinstance(info, m.Info) and info.model_id == "tiny-llama" and "fc_in" in info.laser_types
+    assert isinstance(info, Info) and info.model_id == "tiny-llama" and "fc_in" in info.laser_types
     assert "laser_requests_total" in c.metrics() or "laser_" in c.metrics()
     ids = [card.id for card in c.list_models()]
     assert ids[0] == "base"
@@ -74,7 +69,7 @@ def test_system_and_models(c: LaserClient) -> None:
 
 def test_profiles_and_errors(c: LaserClient) -> None:
     p = c.create_profile("cp", EDIT, description="test")
-    assert isinstance(p, m.Profile) and p.matrices == 1 and p.interventions[0]["target"] == "fc_in"
+    assert isinstance(p, ProfilePublic) and p.matrices == 1 and p.interventions[0].target == "fc_in"
     assert c.get_profile("cp").description == "test"
     assert [x.name for x in c.list_profiles()][:1] == ["base"]
     with pytest.raises(ConflictError) as e:
@@ -97,7 +92,7 @@ def test_profiles_and_errors(c: LaserClient) -> None:
 def test_generate_stream_score_compare(c: LaserClient) -> None:
     c.replace_profile("gen", EDIT)
     g = c.generate("Paris is", profile="gen", max_new_tokens=6)
-    assert isinstance(g, m.GenerateResponse) and g.profile == "gen" and g.usage.completion_tokens <= 6
+    assert isinstance(g, GenerateResponse) and g.profile == "gen" and g.usage.completion_tokens <= 6
     many = c.generate(prompts=["a", "b"], max_new_tokens=2, stop=["zz"])
     assert [ch.index for ch in many.choices] == [0, 1]
     events = list(c.generate_stream("Paris is", profile="gen", max_new_tokens=6))
@@ -129,7 +124,7 @@ def test_generate_stream_score_compare(c: LaserClient) -> None:
 
 def test_datasets_sweep_wait_promote(c: LaserClient, tmp_path: Path) -> None:
     d = c.upload_dataset("toy", ROWS, description="toy")
-    assert isinstance(d, m.Dataset) and d.size == len(ROWS) and d.kind == "multiple_choice"
+    assert isinstance(d, DatasetPublic) and d.size == len(ROWS) and d.kind == "multiple_choice"
     file = tmp_path / "toy2.jsonl"
     file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     assert c.upload_dataset("toy2", file).size == len(ROWS)
@@ -142,8 +137,8 @@ def test_datasets_sweep_wait_promote(c: LaserClient, tmp_path: Path) -> None:
         c.create_sweep("no-such-dataset", **SMALL)
 
     job = c.create_sweep("toy", **SMALL)
-    assert isinstance(job, m.Job) and job.dataset == "toy"
-    seen: list[m.JobProgress] = []
+    assert isinstance(job, JobPublic) and job.dataset == "toy"
+    seen: list[JobProgress] = []
     done = c.wait(job.id, on_progress=seen.append, timeout=120)
     assert done.state == "succeeded" and done.rows and done.best is not None
     assert seen and seen[-1].terminal and [e.done for e in seen] == sorted(e.done for e in seen)
@@ -222,7 +217,7 @@ def test_async_client(srv: LiveServer, tmp_path: Path) -> None:
                 await ac.get_profile("missing")
             await ac.upload_dataset("atoy", ROWS)
             job = await ac.create_sweep("atoy", **SMALL)
-            seen: list[m.JobProgress] = []
+            seen: list[JobProgress] = []
             done = await ac.wait(job.id, on_progress=seen.append, timeout=120)
             assert done.state == "succeeded" and seen[-1].terminal
             report, folder = await ac.export("async", tmp_path / "a", mode="factored")
@@ -267,7 +262,7 @@ def test_429_gives_up_with_typed_error() -> None:
 
 def test_async_retry_and_stream_error() -> None:
     transport, seen = _retrying([(429, {"Retry-After": "1"}), (200, {})])
-    sse = b'data: {"profile": "base", "text": "a"}\n\ndata: {"error": "engine exploded"}\n\ndata: [DONE]\n\n'
+    sse = b'data: {"profile": "base", "profile_hash": "0", "text": "a"}\n\ndata: {"error": "engine exploded"}\n\ndata: [DONE]\n\n'
 
     def stream_handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=sse, headers={"content-type": "text/event-stream"})

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from server.__main__ import main
-from server.serving.jobs import JobManager
+from server.serving.jobs.manager import JobManager
 
 
 def gate_file(gate_dir: Path, pid: int, job_id: str) -> Path:

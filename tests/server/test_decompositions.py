@@ -102,7 +102,7 @@ def test_new_profile_is_prepared_off_the_owner_thread_before_its_first_request(s
         worker.release.set()
         sender.join(180)
     assert first["r"].status_code == 200
-    cache = srv.app.state.services.swapper.svd_cache
+    cache = srv.app.state.services.engine.swapper.svd_cache
     computed = cache.computed
     assert srv.client.post("/v1/generate", json={"profile": "p", "prompt": "c", "max_new_tokens": 2}).status_code == 200
     assert cache.computed == computed  # nothing left to decompose

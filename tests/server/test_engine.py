@@ -191,7 +191,7 @@ def test_cancel_mid_decode_frees_the_row() -> None:
 def test_overload_answers_429_with_retry_after(tmp_path: Path) -> None:
     srv = start_server(tmp_path, tiny_loaded(), max_queue=1, max_running=1, max_batch_tokens=64)
     engine = srv.app.state.services.engine
-    gate = ForwardGate(srv.app.state.services.loaded.model)
+    gate = ForwardGate(srv.app.state.services.engine.swapper.model)
     try:
         async def fire() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as ac:

@@ -34,7 +34,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def _ids(srv: LiveServer) -> torch.Tensor:
-    return srv.app.state.services.loaded.tokenizer(TEXT, return_tensors="pt").input_ids
+    return srv.app.state.services.engine.info.tokenizer(TEXT, return_tensors="pt").input_ids
 
 
 def live_logits(srv: LiveServer, profile: str) -> torch.Tensor:
@@ -93,7 +93,7 @@ def test_dense_export_round_trip(srv: LiveServer, tmp_path: Path) -> None:
     # (the rolling score conditions the first token on the scorer's prefix token, as lm-eval does)
     r = srv.client.post("/v1/score", json={"profile": "edited", "text": TEXT}).json()
     services = srv.app.state.services
-    seq = torch.tensor([[services.scorer.prefix_token_id, *services.scorer.encode(TEXT)]])
+    seq = torch.tensor([[services.engine.info.prefix_token_id, *services.engine.info.encode(TEXT)]])
     with torch.no_grad():
         logits = model(seq).logits[0, :-1].double()
     logp = torch.log_softmax(logits, -1).gather(1, seq[0, 1:, None]).sum().item()

@@ -236,7 +236,7 @@ def _wait_idle(srv: LiveServer) -> None:
 
 def test_stream_disconnect_cancels(srv: LiveServer) -> None:
     # The prompt's pass and the first decode step go through; the next step waits until the client is gone.
-    gate = ForwardGate(srv.app.state.services.loaded.model, free_passes=2)
+    gate = ForwardGate(srv.app.state.services.engine.swapper.model, free_passes=2)
     try:
         with srv.client.stream("POST", "/v1/generate",
                                json={"prompt": "ok", "max_new_tokens": 200, "stream": True}) as r:
@@ -253,7 +253,7 @@ def test_stream_disconnect_cancels(srv: LiveServer) -> None:
 
 
 def test_plain_disconnect_cancels(srv: LiveServer) -> None:
-    gate = ForwardGate(srv.app.state.services.loaded.model, free_passes=1)
+    gate = ForwardGate(srv.app.state.services.engine.swapper.model, free_passes=1)
     try:
         with pytest.raises(httpx.ReadTimeout):  # the gate holds the answer back, so the client gives up
             httpx.post(f"{srv.url}/v1/generate", json={"prompt": "ok", "max_new_tokens": 200}, timeout=0.3)

@@ -83,7 +83,7 @@ def test_profile_changes_the_completion(client: OpenAI) -> None:
 
 
 def test_echo_logprobs_align_with_prompt(client: OpenAI, srv: LiveServer) -> None:
-    scorer = srv.app.state.services.scorer
+    scorer = srv.app.state.services.engine.scorer
     ids = scorer.encode(PROMPT)
     out = client.completions.create(model="base", prompt=PROMPT, max_tokens=1, temperature=0, logprobs=2, echo=True)
     choice = out.choices[0]
@@ -103,7 +103,7 @@ def test_echo_logprobs_align_with_prompt(client: OpenAI, srv: LiveServer) -> Non
 
 
 def test_lm_eval_loglikelihood_matches_scorer(client: OpenAI, srv: LiveServer) -> None:
-    scorer = srv.app.state.services.scorer
+    scorer = srv.app.state.services.engine.scorer
     pairs = [("The capital of France is", " Paris."), ("Question: Is the sky blue? Answer:", " yes"),
              ("A quick brown", " fox jumps over the lazy dog")]
     encoded = [scorer.encode_pair(c, x) for c, x in pairs]
@@ -141,7 +141,7 @@ def test_one_pass_scoring_agrees_with_generate_path(srv: LiveServer) -> None:
 
 def test_an_ending_eos_is_listed_in_logprobs(srv: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Generation that ends on EOS still lists that token, so lm-eval's [ctxlen:-1] stays aligned."""
-    scorer = srv.app.state.services.scorer
+    scorer = srv.app.state.services.engine.scorer
     ids = scorer.encode(PROMPT)
     first = scorer.prompt_logprobs([ids + [0]], top_n=1)[0].top_logprobs[-1]
     token = max(first, key=first.__getitem__)
@@ -161,7 +161,7 @@ def test_an_ending_eos_is_listed_in_logprobs(srv: LiveServer, monkeypatch: pytes
 
 
 def test_string_list_and_token_prompts_agree(client: OpenAI, srv: LiveServer) -> None:
-    ids = srv.app.state.services.scorer.encode(PROMPT)
+    ids = srv.app.state.services.engine.scorer.encode(PROMPT)
     kw = dict(model="base", max_tokens=4, temperature=0, logprobs=1, echo=True)
     by_text = client.completions.create(prompt=[PROMPT, "Rome is"], **kw)
     by_ids = client.completions.create(prompt=ids, **kw)
@@ -171,7 +171,7 @@ def test_string_list_and_token_prompts_agree(client: OpenAI, srv: LiveServer) ->
 
 
 def test_max_tokens_zero_scores_the_prompt_only(client: OpenAI, srv: LiveServer) -> None:
-    ids = srv.app.state.services.scorer.encode(PROMPT)
+    ids = srv.app.state.services.engine.scorer.encode(PROMPT)
     out = client.completions.create(model="base", prompt=PROMPT, max_tokens=0, echo=True, logprobs=0)
     choice = out.choices[0]
     assert choice.text == PROMPT and choice.finish_reason == "length"
@@ -277,7 +277,7 @@ def test_stream_ends_with_done_in_openai_format(srv: LiveServer) -> None:
 
 def test_chat_uses_the_chat_template_and_streams_the_same_text(client: OpenAI, srv: LiveServer) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the sky blue?"}]
-    tokenizer = srv.app.state.services.loaded.tokenizer
+    tokenizer = srv.app.state.services.engine.info.tokenizer
     expected_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
     out = client.chat.completions.create(model="edit", messages=messages, max_tokens=12, temperature=0,
                                          logprobs=True, top_logprobs=2)
@@ -315,7 +315,7 @@ def test_chat_without_template_is_400(tmp_path: Path) -> None:
 
 
 def test_tokenizer_routes(srv: LiveServer) -> None:
-    scorer = srv.app.state.services.scorer
+    scorer = srv.app.state.services.engine.scorer
     info = srv.client.get("/tokenizer_info").json()
     assert info["eos_token"] == "<|eos|>" and info["chat_template"] and info["model_max_length"] == 256
     tok = srv.client.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False,
@@ -353,7 +353,7 @@ def test_api_keys_guard_the_openai_routes(tmp_path: Path) -> None:
 def test_smollm2_lm_eval_loglikelihood_and_chat(tmp_path: Path, smollm2: object) -> None:
     server = start_server(tmp_path, smollm2)
     try:
-        scorer = server.app.state.services.scorer
+        scorer = server.app.state.services.engine.scorer
         client = client_of(server)
         pairs = [("The capital of France is", " Paris"), ("The capital of France is", " Berlin"),
                  ("Water boils at 100 degrees", " Celsius.")]
@@ -389,19 +389,19 @@ def test_oversize_text_prompt_is_refused_before_tokenizing(srv: LiveServer) -> N
     context_length_exceeded, as OpenAI answers; the native routes answer 413)."""
     services = srv.app.state.services
     calls = []
-    original = services.scorer.encode
-    services.scorer.encode = lambda text: calls.append(len(text)) or original(text)  # type: ignore[method-assign]
+    original = services.engine.scorer.encode
+    services.engine.scorer.encode = lambda text: calls.append(len(text)) or original(text)  # type: ignore[method-assign]
     try:
         r = srv.client.post("/v1/completions", json={"model": "base", "prompt": "ab " * 2000, "max_tokens": 1})
     finally:
-        services.scorer.encode = original  # type: ignore[method-assign]
+        services.engine.scorer.encode = original  # type: ignore[method-assign]
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "prompt" and r.json()["error"]["code"] == "context_length_exceeded"
     assert calls == []
 
 
 def test_oversize_chat_is_refused_before_rendering(srv: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.serving import openai as openai_serving
+    from server.serving.openai import chat as openai_serving
 
     calls = []
     original = openai_serving.render_chat

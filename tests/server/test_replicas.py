@@ -270,7 +270,7 @@ def test_a_model_change_fails_the_resumed_job(cluster: Cluster) -> None:
         assert fingerprint != job["model_fingerprint"]
         assert final["state"] == "failed" and "resuming would mix results of different weights" in final["error"]
         assert job["model_fingerprint"][:16] in final["error"] and fingerprint[:16] in final["error"]
-        assert final["done"] == HELD_ROWS and final["owner"] == changed.app.state.services.extras["jobs"].owner
-        assert changed.app.state.services.extras["jobs"].rows_run == 0  # nothing computed on other weights
+        assert final["done"] == HELD_ROWS and final["owner"] == changed.app.state.services.jobs.owner
+        assert changed.app.state.services.jobs.rows_run == 0  # nothing computed on other weights
     finally:
         changed.stop()

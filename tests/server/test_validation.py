@@ -189,12 +189,12 @@ def test_deeply_nested_body_is_a_400(srv: LiveServer) -> None:
 def test_tokenize_has_the_prompt_limit(srv: LiveServer) -> None:
     services = srv.app.state.services
     calls = []
-    original = services.scorer.encode
-    services.scorer.encode = lambda text: calls.append(len(text)) or original(text)  # type: ignore[method-assign]
+    original = services.engine.scorer.encode
+    services.engine.scorer.encode = lambda text: calls.append(len(text)) or original(text)  # type: ignore[method-assign]
     try:
         r = srv.client.post("/tokenize", json={"prompt": "ab " * 100_000})
     finally:
-        services.scorer.encode = original  # type: ignore[method-assign]
+        services.engine.scorer.encode = original  # type: ignore[method-assign]
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     assert calls == []  # refused by its length, never tokenized
     r = srv.client.post("/tokenize", json={"prompt": "Paris " * 80})  # short in characters, long in tokens
@@ -247,7 +247,7 @@ def test_the_queue_bound_counts_requests_and_429_has_the_error_shape(tmp_path: P
         entered.set()
         gate.wait(60)
 
-    hook = s.app.state.services.loaded.model.register_forward_pre_hook(hold)
+    hook = s.app.state.services.engine.swapper.model.register_forward_pre_hook(hold)
     engine = s.app.state.services.engine
     results: dict[str, httpx.Response] = {}
 

@@ -166,7 +166,7 @@ def _toy_jsonl(n: int) -> str:
 
 def _hold_after(srv: LiveServer, steps: int, gate: threading.Event) -> None:
     """The job worker waits after its ``steps``-th step until ``gate`` is set."""
-    manager = srv.app.state.services.extras["jobs"]
+    manager = srv.app.state.services.jobs
     seen = [0]
 
     async def after_step(job_id: str, row: object) -> None:
