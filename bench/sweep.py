@@ -34,7 +34,7 @@ from laser_ops.loading import load_model
 from laser_ops.scoring import HFScorer
 from laser_ops.svd import SvdCache
 from laser_ops.swap import WeightSwapper
-from laser_ops.sweeps import PAPER_RHOS, Candidate, SweepConfig, SweepRunner, grid_candidates, run_steps
+from laser_ops.sweeps import PAPER_RHOS, Candidate, SweepConfig, SweepRunner, grid_candidates, rows_to_jsonl, run_steps
 
 logger = logging.getLogger("bench.sweep")
 
@@ -100,9 +100,15 @@ def floor_per_config(scorer: HFScorer, runner: SweepRunner, swapper: WeightSwapp
     return sum(per_layer[r.layer] for r in rows) / len(rows)
 
 
+def swept_layers(args: argparse.Namespace, n_layers: int) -> list[int]:
+    """``--layer-list`` (negative counts from the end) or the last ``--layers`` layers."""
+    if args.layer_list:
+        return sorted({int(x) % n_layers for x in args.layer_list.split(",")})
+    return list(range(n_layers - args.layers, n_layers))
+
+
 def speed(args: argparse.Namespace, lm, scorer: HFScorer, swapper: WeightSwapper, console: Console) -> dict:
-    n_layers = swapper.targets.num_layers
-    layers = list(range(n_layers - args.layers, n_layers))
+    layers = swept_layers(args, swapper.targets.num_layers)
     config = SweepConfig(types=args.types, layers=layers, rhos=args.rhos, validation_fraction=0.2,
                          batch_size=args.batch_size)
     data = pool_of(args.examples)
@@ -125,7 +131,10 @@ def speed(args: argparse.Namespace, lm, scorer: HFScorer, swapper: WeightSwapper
             raise AssertionError(f"{cand.key}: {diff} predictions differ between the paper's loop and the engine")
         logger.info("naive %s: %.1fs, predictions identical", cand.key, naive_times[-1])
     naive = sum(naive_times) / len(naive_times)
-    t = Table(title=f"(1) per config: {len(rows)} configs ({len(args.types)} types x {args.layers} layers x "
+    if args.rows_out:
+        args.rows_out.parent.mkdir(parents=True, exist_ok=True)
+        args.rows_out.write_text(rows_to_jsonl(runner.rows.values()))
+    t = Table(title=f"(1) per config: {len(rows)} configs ({len(args.types)} types x layers {layers} x "
                     f"{len(args.rhos)} rho), {len(runner.split.validation)} validation examples")
     for col in ("path", "configs timed", "s / config", "vs paper's loop", "vs floor"):
         t.add_column(col, justify="right" if col != "path" else "left")
@@ -208,6 +217,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--examples", type=int, default=200, help="validation examples")
     ap.add_argument("--layers", type=int, default=10, help="the last N layers are swept")
+    ap.add_argument("--layer-list", default=None,
+                    help="explicit layers instead of --layers, e.g. -10,-7,-4,-1 (the same mean depth as the last 10)")
+    ap.add_argument("--rows-out", type=Path, default=None, help="write the full grid's rows (JSONL) here")
     ap.add_argument("--types", nargs="+", default=["fc_in", "fc_out"])
     ap.add_argument("--rhos", nargs="+", type=float, default=list(PAPER_RHOS))
     ap.add_argument("--naive-configs", type=int, default=2, help="configs run the paper's way (>= 1)")

@@ -345,6 +345,24 @@ def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool], *, alpha
     return McNemarResult(only_a, only_b, p, alpha, verdict)
 
 
+def mcnemar_worse_p(challenger: Sequence[bool], leader: Sequence[bool]) -> float:
+    """One-sided exact McNemar p-value of "the challenger is no less accurate than the leader".
+
+    On the same examples, only the discordant ones count: under the null each is the leader's with
+    probability at most 1/2, so the p-value is ``P(X >= c)`` for ``X ~ Bin(b + c, 1/2)``, where the
+    leader alone is right on ``c`` examples and the challenger alone on ``b``. Small: the challenger is
+    surely worse. Pairing is what makes it sharp: two configs that agree on most examples are told
+    apart by the few where they differ, where unpaired intervals would overlap for hundreds of examples.
+    """
+    if len(challenger) != len(leader):
+        raise ValueError(f"paired outcomes differ in length: {len(challenger)} vs {len(leader)}")
+    only_leader = sum(1 for c, w in zip(challenger, leader) if w and not c)
+    only_challenger = sum(1 for c, w in zip(challenger, leader) if c and not w)
+    if only_leader == 0:
+        return 1.0
+    return float(binomtest(only_leader, only_leader + only_challenger, 0.5, alternative="greater").pvalue)
+
+
 def mcnemar_vs_constant(dataset: Dataset, correct: Sequence[bool], label: str, *, alpha: float = 0.05,
                         name: str = "winner") -> McNemarResult:
     """Exact McNemar of a model's outcomes against always answering ``label`` on the same examples."""

@@ -6,6 +6,7 @@ cache, and builds the same :class:`~laser_ops.sweep_steps.StepExecutor` from the
 dataset (the split is seeded), so a plan gives the same rows on any actor as in process. The pool
 hands a plan to an idle actor; a plan whose actor dies is retried on another one (a replacement is
 started when none is left); :meth:`RaySweepPool.close` kills the actors and fails what is in flight.
+A test step's two sides (base and the winner on test) run on two actors at once and are joined here.
 
 Drive a runner with :func:`laser_ops.sweeps.run_steps` and ``pool.submit`` (independent steps run
 on several actors at once; rows are recorded in plan order). Ray is an optional dependency
@@ -16,13 +17,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from laser_ops.datasets import Dataset
+from laser_ops.evaluation import EvalReport
+from laser_ops.fast_choice import drive
 from laser_ops.sweep_models import StepPlan, SweepConfig, SweepRow
+from laser_ops.sweep_steps import StepExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +80,6 @@ class SweepWorker:
 
         from laser_ops.loading import load_model
         from laser_ops.scoring import HFScorer
-        from laser_ops.sweep_steps import StepExecutor
         from laser_ops.svd import SvdCache
         from laser_ops.swap import WeightSwapper
 
@@ -92,6 +97,11 @@ class SweepWorker:
     def run(self, plan_json: str) -> list[str]:
         rows = self.executor.run(StepPlan.model_validate_json(plan_json), self.swapper, self.scorer)
         return [r.model_dump_json() for r in rows]
+
+    def test_side(self, plan_json: str, side: str) -> str:
+        gen = self.executor.test_side(StepPlan.model_validate_json(plan_json), side,  # type: ignore[arg-type]
+                                      self.swapper, self.scorer)
+        return drive(gen).model_dump_json()
 
 
 class RaySweepPool:
@@ -126,7 +136,9 @@ class RaySweepPool:
             raise FingerprintMismatch(f"Ray actors loaded {model.source!r} with fingerprint {bad[0]}, but the job's "
                                       f"model is {model.fingerprint}: every worker must hold the same weights")
         self._idle.extend(self.actors)
-        self._threads = ThreadPoolExecutor(max_workers=actors, thread_name_prefix="laser-ray")
+        # a test step waits on its two sides, each on a thread of its own
+        self._threads = ThreadPoolExecutor(max_workers=actors + 3, thread_name_prefix="laser-ray")
+        self._local = StepExecutor.for_dataset(config, dataset)  # joins the sides of a test step (no model)
         logger.info("ray sweep pool: %d actor(s) x %d thread(s) on %s", actors, threads, address)
 
     @property
@@ -138,6 +150,8 @@ class RaySweepPool:
         plan: StepPlan = step.plan if hasattr(step, "plan") else step
         if self._closed:
             raise PoolClosed("the Ray pool is closed")
+        if plan.role == "test" and self.size > 1:
+            return self._threads.submit(self._run_test, plan)
         return self._threads.submit(self._run, plan)
 
     def _acquire(self) -> Any:
@@ -166,12 +180,25 @@ class RaySweepPool:
             self._cond.notify_all()
 
     def _run(self, plan: StepPlan) -> list[SweepRow]:
+        rows = self._on_actor(plan, lambda actor: actor.run.remote(plan.model_dump_json()))
+        return [SweepRow.model_validate_json(r) for r in rows]
+
+    def _run_test(self, plan: StepPlan) -> list[SweepRow]:
+        """A test step's two sides (base, winner) on two actors at once, joined here: the same row as one actor's."""
+        t0 = time.perf_counter()
+        sides = [self._threads.submit(self._on_actor, plan, lambda actor, side=side: actor.test_side.remote(
+            plan.model_dump_json(), side)) for side in ("base", "winner")]
+        base, winner = (EvalReport.model_validate_json(f.result()) for f in sides)
+        return [self._local.test_row(plan, base, winner, time.perf_counter() - t0)]
+
+    def _on_actor(self, plan: StepPlan, call: Callable[[Any], Any]) -> Any:
+        """``call(actor)`` (a remote call) on the next idle actor; retried on another when the actor dies."""
         errors = self.ray.exceptions
         attempts = 0
         while True:
             actor = self._acquire()
             try:
-                rows = self.ray.get(actor.run.remote(plan.model_dump_json()))
+                result = self.ray.get(call(actor))
             except (errors.RayActorError, errors.ActorUnavailableError) as e:
                 self._drop(actor)
                 if self._closed:
@@ -183,7 +210,7 @@ class RaySweepPool:
                 logger.warning("step %s: its Ray actor died (%s); retrying on another", plan.key, type(e).__name__)
                 continue
             self._release(actor)
-            return [SweepRow.model_validate_json(r) for r in rows]
+            return result
 
     def kill_actor(self, index: int = 0) -> None:
         """Kill one actor (what a lost node does; tests use it). Its current or next step is retried elsewhere."""

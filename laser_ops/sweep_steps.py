@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from laser_ops.datasets import Dataset, Split, stratified_split
 from laser_ops.evaluation import (
@@ -32,12 +32,14 @@ from laser_ops.evaluation import (
     report_from_outcomes,
     report_from_predictions,
 )
-from laser_ops.fast_choice import FastChoiceEvaluator
+from laser_ops.fast_choice import FastChoiceEvaluator, drive
 from laser_ops.scoring import HFScorer, Scorer
 from laser_ops.sweep_models import PlannedConfig, StepPlan, SweepConfig, SweepRow, TestReport
 from laser_ops.swap import WeightSwapper
 
 logger = logging.getLogger(__name__)
+
+TestSide = Literal["base", "winner"]
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -146,12 +148,7 @@ class StepExecutor:
 
     def run(self, plan: StepPlan, swapper: WeightSwapper, scorer: Scorer) -> list[SweepRow]:
         """The plan's rows, computed inline."""
-        gen = self.work(plan, swapper, scorer)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as done:
-                return done.value
+        return drive(self.work(plan, swapper, scorer))
 
     def work(self, plan: StepPlan, swapper: WeightSwapper, scorer: Scorer
              ) -> Generator[None, None, list[SweepRow]]:
@@ -208,12 +205,26 @@ class StepExecutor:
             self._fast[key] = ev
         return ev
 
+    def test_side(self, plan: StepPlan, side: TestSide, swapper: WeightSwapper, scorer: Scorer
+                  ) -> Generator[None, None, EvalReport]:
+        """One side of a test step (base, or the winner) on the test split, chunk by chunk: a pool runs the two
+        sides on two workers at once and joins them with :meth:`test_row`, which gives the same row as
+        :meth:`work` (each side is the same evaluation either way)."""
+        specs = plan.configs[0].interventions if side == "winner" and plan.configs else []
+        (report,) = yield from self._evaluate(swapper, scorer, self.split.test, [specs], None, cache=False)
+        return report
+
     def _test(self, plan: StepPlan, swapper: WeightSwapper, scorer: Scorer, t0: float
               ) -> Generator[None, None, SweepRow]:
+        base_report = yield from self.test_side(plan, "base", swapper, scorer)
+        win_report = yield from self.test_side(plan, "winner", swapper, scorer)
+        return self.test_row(plan, base_report, win_report, time.perf_counter() - t0)
+
+    def test_row(self, plan: StepPlan, base_report: EvalReport, win_report: EvalReport, seconds: float) -> SweepRow:
+        """The test step's row from its two sides: the comparisons with base and the majority label, the verdict."""
         winner = plan.configs[0] if plan.configs else None
         specs = winner.interventions if winner else []
         test = self.split.test
-        base_report, win_report = yield from self._evaluate(swapper, scorer, test, [[], specs], None, cache=False)
         vs_base = mcnemar_exact(base_report.correct, win_report.correct)
         label, maj_acc = majority_label(test)
         vs_majority = mcnemar_vs_constant(test, win_report.correct, label) if label is not None else None
@@ -225,8 +236,7 @@ class StepExecutor:
             majority_label=label, majority_accuracy=maj_acc,
             mcnemar_majority=vs_majority.to_dict() if vs_majority else None, verdict=verdict)
         logger.info("test: base %.4f -> winner %.4f; %s", base_report.accuracy, win_report.accuracy, verdict)
-        return SweepRow(key="test", step=0, role="test", interventions=specs, test=report,
-                        seconds=time.perf_counter() - t0)
+        return SweepRow(key="test", step=0, role="test", interventions=specs, test=report, seconds=seconds)
 
 
 def merge_rows(old: SweepRow, new: SweepRow, dataset: Dataset) -> SweepRow:

@@ -18,8 +18,9 @@ Strategies:
   whose spectrum is mostly below the noise threshold is the one where discarding the tail should
   cost least and help most), and try them first; useful with a budget.
 - ``successive_halving``: the grid on a growing seeded subset of validation (blocks whose running
-  totals double); after each round a config whose upper Wilson bound is below the best lower bound
-  is dropped. The winner is chosen among the configs scored on all of validation; the result says how
+  totals double); after each round a config is dropped when a one-sided exact McNemar test on the
+  examples seen says it is less accurate than the leader, or it surely collapsed (the run's confidence
+  split over its rounds). The winner is chosen among the configs scored on all of validation; the result says how
   many example-evaluations that saved against the full grid.
 
 Honest selection: a ``collapsed`` config (one answer on >= 95% of validation) cannot win unless
@@ -48,8 +49,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from scipy.stats import beta
+
 from laser_ops.datasets import Dataset, builtin_dataset
-from laser_ops.evaluation import COLLAPSE_SHARE, answer_text, wilson_interval
+from laser_ops.evaluation import COLLAPSE_SHARE, answer_text, mcnemar_worse_p
 from laser_ops.scoring import Scorer
 from laser_ops.sweep_models import (
     NO_KNOB,
@@ -322,6 +325,7 @@ class SweepRunner:
         if self.config.strategy == "successive_halving":
             return (yield from self._halving(candidates))
         room = self._room()  # counted from what is planned, so steps may be handed out before they are recorded
+        planned = False  # a pool may hold every step in flight: none recorded yet, but there will be rows
         for group in self._groups([c for c in candidates if c.key not in self.rows]):
             if not self._budget_left(new_configs=False):
                 break
@@ -331,7 +335,8 @@ class SweepRunner:
                     break
                 group, room = group[:room], room - len(group[:room])
             yield self._step(self._group_plan(group, None, independent=True))
-        return bool(self.config_rows())
+            planned = True
+        return planned or bool(self.config_rows())
 
     @staticmethod
     def _groups(cands: Sequence[Candidate]) -> list[list[Candidate]]:
@@ -408,7 +413,8 @@ class SweepRunner:
                 # eliminations read every row of the round: only its last step is a barrier
                 yield self._step(self._group_plan(group, r, independent=g < len(groups) - 1))
             scored += len(block)
-            alive = self._eliminate(alive, r + 1)
+            if r < len(blocks) - 1:  # after the last block every survivor is scored on all of validation
+                alive = self._eliminate(alive, r + 1)
         return bool(self.config_rows())
 
     def _needs_block(self, key: str, scored: int) -> bool:
@@ -418,41 +424,61 @@ class SweepRunner:
         return row.eliminated is None and (row.val_n or 0) == scored
 
     def _eliminate(self, alive: list[Candidate], round_no: int) -> list[Candidate]:
-        """Drop configs that cannot win: their upper Wilson bound is below the best lower bound among eligible
-        configs, or (unless ``allow_collapsed``) the lower Wilson bound of their top-answer share is already
-        at the collapse threshold.
+        """Drop configs that cannot win, at the run's confidence ``halving_confidence`` split over its elimination
+        rounds (Bonferroni: a config that should survive is dropped in some round with probability at most
+        ``1 - halving_confidence``):
 
-        Bounds count only the outcomes on the first ``round_no`` blocks, so a resumed job (whose rows may
-        already hold later blocks) takes the same decisions as an uninterrupted one.
+        - **surely worse than the leader** (``metric: accuracy``): the leader is the eligible config most
+          accurate on the examples seen so far; a config is dropped when the one-sided exact McNemar test on
+          those same examples says it is less accurate (:func:`~laser_ops.evaluation.mcnemar_worse_p`).
+          Configs share their examples, so the test pairs them: only the examples where the two differ count;
+        - **surely collapsed** (unless ``allow_collapsed``): the one-sided exact (Clopper-Pearson) lower bound
+          of its top-answer share is at the collapse threshold.
+
+        Only the outcomes on the first ``round_no`` blocks count, so a resumed job (whose rows may already hold
+        later blocks) takes the same decisions as an uninterrupted one.
         """
-        conf = self.config.halving_confidence
         blocks = self.executor.blocks or []
+        alpha = (1 - self.config.halving_confidence) / max(1, len(blocks) - 1)
         seen = {i for b in blocks[:round_no] for i in b}
         val = self.split.validation
         rows = [self.rows[c.key] for c in alive if c.key in self.rows]
-
-        def seen_of(r: SweepRow) -> list[tuple[int, bool, Any]]:
-            return [(i, ok, p) for i, ok, p in zip(r.val_indices or [], r.val_correct or [], r.val_predictions or [])
-                    if i in seen]
-
-        outcomes = {r.key: seen_of(r) for r in rows}
-        bounds = {k: wilson_interval(sum(ok for _, ok, _ in v), len(v), conf) for k, v in outcomes.items()}
+        outcomes = {r.key: {i: (ok, p) for i, ok, p in zip(r.val_indices or [], r.val_correct or [],
+                                                              r.val_predictions or []) if i in seen} for r in rows}
         if not self.config.allow_collapsed:
             for r in rows:
-                answers = Counter(answer_text(val.examples[i], p) for i, _, p in outcomes[r.key])
+                answers = Counter(answer_text(val.examples[i], p) for i, (_, p) in outcomes[r.key].items())
                 n = sum(answers.values())
-                low = wilson_interval(max(answers.values()), n, conf)[0] if n else 0.0
+                top = max(answers.values(), default=0)
+                low = float(beta.ppf(alpha, top, n - top + 1)) if top else 0.0
                 if r.eliminated is None and low >= COLLAPSE_SHARE:
-                    r.eliminated = (f"round {round_no}: collapsed (one answer on at least {low:.1%} of examples at "
-                                    f"{conf:.0%} confidence, after {n} examples)")
-        lows = [bounds[r.key][0] for r in rows if self.eligible(r)]
-        if lows:
-            best_low = max(lows)
+                    r.eliminated = (f"round {round_no}: collapsed (one answer on at least {low:.1%} of examples, "
+                                    f"one-sided exact bound at {1 - alpha:.2%}, after {n} examples)")
+        if self.config.metric != "accuracy":  # accuracy-paired tests say nothing about another metric
+            return [c for c in alive if c.key in self.rows and self.rows[c.key].eliminated is None]
+        contenders = [r for r in rows if self.eligible(r)]
+        if contenders:
+            def seen_acc(r: SweepRow) -> float:
+                got = outcomes[r.key]
+                return sum(ok for ok, _ in got.values()) / max(1, len(got))
+
+            leader = max(contenders, key=lambda r: (seen_acc(r), -r.step))
+            mine = outcomes[leader.key]
             for r in rows:
-                if r.eliminated is None and bounds[r.key][1] < best_low:
-                    r.eliminated = (f"round {round_no}: upper {conf:.0%} Wilson bound {bounds[r.key][1]:.3f} below "
-                                    f"the best lower bound {best_low:.3f} after {len(outcomes[r.key])} examples")
+                got = outcomes[r.key]
+                common = sorted(set(got) & set(mine))
+                if r is leader or r.eliminated is not None or not common:
+                    continue
+                p = mcnemar_worse_p([got[i][0] for i in common], [mine[i][0] for i in common])
+                if p < alpha:
+                    r.eliminated = (f"round {round_no}: less accurate than the leader {leader.key} "
+                                    f"({seen_acc(r):.1%} vs {seen_acc(leader):.1%} on the same {len(common)} examples; "
+                                    f"one-sided exact McNemar p={p:.2g} < {alpha:.2g})")
         return [c for c in alive if c.key in self.rows and self.rows[c.key].eliminated is None]
+
+    def test_step(self) -> SweepStep:
+        """The test step for the winner among the rows recorded so far."""
+        return self._step(self._test_plan())
 
     def _test_plan(self) -> StepPlan:
         winner = self.best()
@@ -550,6 +576,10 @@ def run_steps(runner: SweepRunner, targets: ModelTargets,
 
     try:
         for step in runner.steps(targets):
+            if step.role == "test" and pending:  # the winner is chosen from every config's rows: record them first
+                while pending:
+                    settle()
+                step = runner.test_step()
             pending.append(submit(step))
             while pending and (not step.plan.independent or len(pending) >= max(1, max_in_flight)):
                 settle()

@@ -29,8 +29,8 @@ class SweepConfig(BaseModel):
         "Search order: grid (every type x layer x rho), greedy_compose (add an edit only if validation "
         "accuracy strictly rises; the winner is the composed profile), spectral_prior (matrices with the "
         "lowest Marchenko-Pastur SNR first; useful with a budget) or successive_halving (the grid scored on a "
-        "growing seeded subset of validation; a config is dropped once its upper Wilson bound is below the "
-        "best lower bound)."))
+        "growing seeded subset of validation; a config is dropped once a one-sided exact McNemar test on the "
+        "examples seen says it is less accurate than the leader, or it has surely collapsed)."))
     kind: EditKindName = Field("laser", description="Edit kind swept (controls: random_basis, keep_bottom, "
                                                     "prune_magnitude with sparsity = 1 - rho).")
     types: list[Annotated[str, WithJsonSchema({"type": "string", "enum": list(TYPES)})]] = Field(
@@ -56,7 +56,7 @@ class SweepConfig(BaseModel):
     halving_min_examples: Int = Field(32, ge=2, description=(
         "successive_halving: validation examples of the first round (each round doubles the subset)."))
     halving_confidence: float = Field(0.95, gt=0.5, lt=1, description=(
-        "successive_halving: confidence of the Wilson bounds that decide elimination."))
+        "successive_halving: confidence of the whole run's eliminations (split evenly over its rounds)."))
     normalize: bool = Field(False, description="Multiple choice: compare per-token log-probs.")
     max_new_tokens: Int = Field(10, ge=1, le=512, description="Generation: greedy tokens decoded.")
     max_configs: IntRange(ge=1) | None = Field(None, description="Budget: configs evaluated (base not counted).")

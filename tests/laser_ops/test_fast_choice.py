@@ -44,6 +44,7 @@ def test_every_causal_architecture_takes_the_layer_path_and_equals_plain(arch: s
     ds = toy_mc(8, seed=1)
     fast = FastChoiceEvaluator(sc, ds.choice_items(), batch_size=4)
     assert fast.fast, f"{arch}: the layer path must drive this architecture's own modules"
+    assert fast.prefix_len > 0, f"{arch}: the shared task prefix goes through the model's own KV cache"
     for specs in ([], [{"target": "fc_in", "layer": 2, "rank_fraction": 0.1}]):
         _assert_same(fast.evaluate_profile(sw, specs), _plain(sw, sc, specs, ds.choice_items()))
     # all rho of one matrix in one replicated pass, per-row ranks through the factors (fused q on gpt2/neox)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+from concurrent.futures import Future
 
 import pytest
 from pydantic import ValidationError
@@ -16,6 +17,8 @@ from laser_ops.evaluation import (
     majority_label,
     mcnemar_exact,
     mcnemar_vs_constant,
+    mcnemar_worse_p,
+    wilson_interval,
 )
 from laser_ops.sweep_steps import StepExecutor, plain_verdict, row_from_report
 from laser_ops.scoring import HFScorer
@@ -30,6 +33,7 @@ from laser_ops.sweeps import (
     SweepRunner,
     grid_candidates,
     rows_to_jsonl,
+    run_steps,
     run_sweep,
 )
 from laser_ops.testing import make_tiny_model, tiny_tokenizer
@@ -345,6 +349,7 @@ class ScriptedExecutor(StepExecutor):
         super().__init__(config, split)
         self.truth = truth
         self.constant: set[str] = set()
+        self.outcomes: dict[str, list[bool]] = {}  # given per validation position instead of drawn
         self.evaluations = 0
 
     def work(self, plan, swapper, scorer):
@@ -356,7 +361,7 @@ class ScriptedExecutor(StepExecutor):
             key = c.key if c else "base"
             acc = self.truth.get(key, 0.5)
             rng = random.Random(key)
-            outcome = [rng.random() < acc for _ in range(len(val))]
+            outcome = self.outcomes.get(key) or [rng.random() < acc for _ in range(len(val))]
             if key in self.constant:  # always answers choice 0 ('a')
                 preds = [0 for _ in positions]
                 correct = [0 in val.examples[i].correct for i in positions]
@@ -393,7 +398,7 @@ def test_successive_halving_drops_clear_losers_and_saves_evaluations() -> None:
     assert result.full_grid_evaluations / result.example_evaluations >= 3
     dropped = [r for r in result.rows if r.eliminated]
     assert len(dropped) == 23 and all(r.val_n < n_val for r in dropped)
-    assert all("Wilson bound" in r.eliminated for r in dropped)
+    assert all("one-sided exact McNemar" in r.eliminated for r in dropped)
     # interrupted after 9 steps (mid round 2), rows persisted without the in-memory elimination flags:
     # the resumed job extends them and takes the same decisions as the uninterrupted one
     first = SweepRunner(cfg, ds, executor=ScriptedExecutor(cfg, split_runner.split, truth))
@@ -451,3 +456,84 @@ def test_successive_halving_drops_configs_that_surely_collapsed() -> None:
     kept.constant = {keys[0]}
     allowed = SweepRunner(cfg.model_copy(update={"allow_collapsed": True}), ds, executor=kept).run(*_setup()[::-1])
     assert allowed.winner.key == keys[0]  # asked for: the constant predictor wins on accuracy
+
+
+class _Deferred(Future):
+    """A future computed only when its result is asked for: every step stays in flight until then."""
+
+    def __init__(self, compute) -> None:
+        super().__init__()
+        self._compute = compute
+
+    def result(self, timeout=None):
+        if not self.done():
+            self.set_result(self._compute())
+        return super().result(timeout)
+
+
+def test_run_steps_plans_the_test_step_after_every_config_is_recorded() -> None:
+    """With many independent steps in flight, the winner sent to the test step is still the best of all rows."""
+    ds = Dataset(name="bin", kind="multiple_choice", examples=[
+        Example(id=i, input=f"q{i}", choices=["a", "b"], correct=[i % 2]) for i in range(80)])
+    cfg = SweepConfig(types=["fc_in", "fc_out"], layers=[0, 1, 2], rhos=[0.9, 0.1], validation_fraction=0.5)
+    keys = [c.key for c in grid_candidates(cfg, _setup()[1].targets)]
+    truth = {k: 0.4 for k in keys}
+    truth[keys[-1]] = 0.9  # the winner is in the last step
+    runner = SweepRunner(cfg, ds, executor=ScriptedExecutor(cfg, SweepRunner(cfg, ds).split, truth))
+    sent: list = []
+
+    def submit(step):
+        sent.append(step.plan)
+        return _Deferred(lambda: step.run(*_setup()[::-1]))
+
+    result = run_steps(runner, _setup()[1].targets, submit, max_in_flight=len(keys))
+    assert result.winner.key == keys[-1]
+    assert sent[-1].role == "test" and [c.key for c in sent[-1].configs] == [keys[-1]]
+
+
+def test_mcnemar_worse_p_pairs_the_outcomes() -> None:
+    leader = [True] * 30 + [False] * 30
+    close = [True] * 29 + [False] * 31  # the same examples but one: no evidence either way
+    assert mcnemar_worse_p(close, leader) == pytest.approx(0.5)
+    assert mcnemar_worse_p(leader, close) == 1.0
+    worse = [True] * 20 + [False] * 40  # 10 examples only the leader gets right, none the other way
+    assert mcnemar_worse_p(worse, leader) == pytest.approx(0.5 ** 10)
+    # unpaired, 20/60 vs 30/60 do not separate at 95% (overlapping Wilson intervals); paired they do
+    assert wilson_interval(20, 60)[1] > wilson_interval(30, 60)[0]
+    with pytest.raises(ValueError, match="length"):
+        mcnemar_worse_p([True], [True, False])
+
+
+def test_successive_halving_pairs_configs_on_the_same_examples() -> None:
+    """Configs that differ from the leader on few examples are told apart by those examples: one always wrong
+    where it differs is dropped while its unpaired Wilson interval still overlaps the leader's; one that
+    differs on two examples only (a close second) survives to the end. The winner is the full grid's."""
+    ds = Dataset(name="bin", kind="multiple_choice", examples=[
+        Example(id=i, input=f"q{i}", choices=["a", "b"], correct=[i % 2]) for i in range(400)])
+    cfg = SweepConfig(strategy="successive_halving", types=["fc_in"], layers=[1, 2], rhos=[0.5, 0.1],
+                      validation_fraction=0.5, halving_min_examples=25)
+    keys = [c.key for c in grid_candidates(cfg, _setup()[1].targets)]
+    split = SweepRunner(cfg, ds).split
+    rng = random.Random(7)
+    leader = [rng.random() < 0.7 for _ in range(len(split.validation))]
+    right = [i for i, ok in enumerate(leader) if ok]
+    outcomes = {keys[0]: leader, keys[1]: [ok and i not in right[:2] for i, ok in enumerate(leader)]}
+    for k in keys[2:]:  # wrong on every fourth example the leader gets right: about 52% against 70%
+        outcomes[k] = [ok and i not in right[::4] for i, ok in enumerate(leader)]
+
+    def run(config: SweepConfig):
+        scripted = ScriptedExecutor(config, split, {})
+        scripted.outcomes = outcomes
+        return SweepRunner(config, ds, executor=scripted).run(*_setup()[::-1])
+
+    full = run(cfg.model_copy(update={"strategy": "grid"}))
+    result = run(cfg)
+    assert result.winner.key == full.winner.key == keys[0]
+    rows = {r.key: r for r in result.rows}
+    assert rows[keys[1]].eliminated is None and rows[keys[1]].val_n == result.n_validation
+    for k in keys[2:]:
+        r = rows[k]
+        assert r.eliminated and "less accurate than the leader" in r.eliminated and r.val_n < result.n_validation
+        mine = [leader[i] for i in r.val_indices]
+        assert wilson_interval(sum(r.val_correct), r.val_n)[1] > wilson_interval(sum(mine), len(mine))[0]
+    assert result.example_evaluations < full.example_evaluations
